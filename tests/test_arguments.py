@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from llava.arguments import parse_args
+
+PARTS = ["--vision_model_name_or_path", "V", "--language_model_name_or_path", "L"]
+DATA = ["--data_path", "a.json,b.jsonl", "--output_dir", "out"]
+
+
+def test_parts_and_stage_flags_parse():
+    model_args, data_args, training_args = parse_args(
+        PARTS + DATA + ["--freeze_vision_model", "True", "--freeze_language_model", "True", "--learning_rate", "1e-3"])
+    assert model_args.assembles_new_model
+    assert data_args.data_paths == ["a.json", "b.jsonl"]
+    assert training_args.freeze_language_model and training_args.freeze_vision_model
+    assert not training_args.freeze_projector
+    assert training_args.learning_rate == 1e-3
+    assert training_args.report_to == ["tensorboard"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model_name_or_path", "M"] + PARTS + DATA, "not both"),
+    (["--vision_model_name_or_path", "V"] + DATA, "No model given"),
+    (DATA, "No model given"),
+    (PARTS + ["--output_dir", "out"], "--data_path is required"),
+    (PARTS + DATA + ["--freeze_vision_model", "True", "--freeze_projector", "True", "--freeze_language_model", "True"],
+     "Every component is frozen"),
+])
+def test_conflicting_flags_fail_with_the_fix(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv)
+
+
+def test_unknown_choice_is_refused():
+    with pytest.raises(SystemExit):
+        parse_args(PARTS + DATA + ["--vision_feature_select_strategy", "cls"])
+
+
+def test_single_config_file(tmp_path):
+    config = {"model_name_or_path": "M", "data_path": "d.json", "output_dir": "o", "freeze_language_model": True}
+    json_path = tmp_path / "stage.json"
+    json_path.write_text(json.dumps(config))
+    yaml_path = tmp_path / "stage.yaml"
+    yaml_path.write_text("\n".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in config.items()))
+    for path in (json_path, yaml_path):
+        model_args, data_args, training_args = parse_args([str(path)])
+        assert model_args.model_name_or_path == "M" and training_args.freeze_language_model

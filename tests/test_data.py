@@ -1,0 +1,139 @@
+import itertools
+import json
+
+import pytest
+
+from llava.arguments import ModelArguments
+from llava.data import ConversationEncoder, DataError, LlavaDataset, build_dataset, load_samples, to_sample
+from llava.model import IGNORE_INDEX, build_processor
+from tests.tiny_parts import (CHATML_DEFAULT_SYSTEM_TEMPLATE, CHATML_TEMPLATE, LLAMA2_TEMPLATE, TOKENS_PER_IMAGE,
+                              conversation_records, save_language_model, write_dataset)
+
+# llava-hf style: content must be a list of {"type": ...} items (a plain string renders nothing).
+STRUCTURED_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() + ': ' }}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% if m['role'] == 'assistant' %}{{ '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}"
+)
+# template -> how one trained answer must read (answer text, then the template's end-of-turn token)
+TEMPLATES = {
+    "chatml": (CHATML_TEMPLATE, "{}<|im_end|>"),
+    "chatml_default_system": (CHATML_DEFAULT_SYSTEM_TEMPLATE, "{}<|im_end|>"),
+    "llama2": (LLAMA2_TEMPLATE, "{} <|im_end|>"),
+    "structured_only": (STRUCTURED_TEMPLATE, "{}<|im_end|>"),
+}
+
+
+def make_processor(parts, tmp_path_factory, chat_template=None):
+    lm = parts["lm"]
+    if chat_template is not None:
+        lm = save_language_model(str(tmp_path_factory.mktemp("lm")), chat_template=chat_template)
+    processor = build_processor(ModelArguments(vision_model_name_or_path=parts["vision"],
+                                               language_model_name_or_path=lm))
+    if chat_template is STRUCTURED_TEMPLATE:  # as a llava-hf checkpoint ships it: no string-content wrapper
+        processor.chat_template = chat_template
+    return processor
+
+
+def trained_runs(tokenizer, encoded):
+    """Decoded text of each contiguous run of trained tokens."""
+    runs = []
+    for trained, group in itertools.groupby(zip(encoded["input_ids"], encoded["labels"]),
+                                            key=lambda pair: pair[1] != IGNORE_INDEX):
+        if trained:
+            runs.append(tokenizer.decode([label for _, label in group]))
+    return runs
+
+
+@pytest.mark.parametrize("template_name", sorted(TEMPLATES))
+def test_trained_spans_are_each_answer_plus_end_of_turn(parts, tmp_path_factory, template_name):
+    template, answer_format = TEMPLATES[template_name]
+    processor = make_processor(parts, tmp_path_factory, template)
+    encoder = ConversationEncoder(processor, max_length=512)
+    for record in conversation_records():
+        sample = to_sample(record, "mem")
+        if template_name == "structured_only" and sample.messages[0]["role"] == "system":
+            continue
+        encoded = encoder.encode(sample)
+        answers = [m["content"] for m in sample.messages if m["role"] == "assistant"]
+        runs = trained_runs(processor.tokenizer, encoded)
+        assert [r.strip() for r in runs] == [answer_format.format(a) for a in answers], (template_name, sample.id)
+        assert all(label == token for token, label in zip(encoded["input_ids"], encoded["labels"])
+                   if label != IGNORE_INDEX)
+
+
+def test_image_tokens_expand_to_tower_length_and_are_not_trained(parts, tmp_path_factory):
+    processor = make_processor(parts, tmp_path_factory)
+    encoder = ConversationEncoder(processor, max_length=512)
+    assert encoder.tokens_per_image == TOKENS_PER_IMAGE
+    for record in conversation_records():
+        sample = to_sample(record, "mem")
+        encoded = encoder.encode(sample)
+        image_positions = [i for i, t in enumerate(encoded["input_ids"]) if t == processor.image_token_id]
+        assert len(image_positions) == TOKENS_PER_IMAGE * len(sample.images)
+        assert all(encoded["labels"][i] == IGNORE_INDEX for i in image_positions)
+
+
+def test_dataset_items_and_multi_file_mixing(parts, tmp_path):
+    processor = make_processor(parts, None)
+    jsonl_path, _ = write_dataset(str(tmp_path), name="more.jsonl")
+    dataset = build_dataset([parts["data"], jsonl_path], processor, 512, parts["images"])
+    assert len(dataset) == 2 * len(conversation_records())
+    assert dataset.samples[6].location == f"{jsonl_path}:1"
+    by_id = {s.id: dataset[i] for i, s in enumerate(dataset.samples[:6])}
+    assert "pixel_values" not in by_id["text_only"]
+    assert tuple(by_id["two_images"]["pixel_values"].shape) == (2, 3, 32, 32)
+    assert tuple(by_id["single"]["pixel_values"].shape) == (1, 3, 32, 32)
+
+
+def test_truncation_cuts_text_after_images_but_never_an_image_span(parts):
+    processor = make_processor(parts, None)
+    long_answer = " ".join(["word"] * 100)
+    record = {"id": "long", "image": "img0.png",
+              "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": long_answer}]}
+    sample = to_sample(record, "mem")
+    encoded = ConversationEncoder(processor, max_length=40).encode(sample)
+    assert len(encoded["input_ids"]) == 40
+    assert encoded["input_ids"].count(processor.image_token_id) == TOKENS_PER_IMAGE
+    with pytest.raises(DataError, match=r"id 'long'.*cut through an image"):
+        ConversationEncoder(processor, max_length=10).encode(sample)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"id": "a", "image": ["img0.png", "img1.png"],
+      "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Yo"}]},
+     r"id 'a'.*1 <image> placeholder\(s\) but 2 image\(s\)"),
+    ({"id": "b", "conversations": [{"from": "human", "value": "Hi"}]}, r"id 'b'.*no assistant turn"),
+])
+def test_bad_samples_are_named(parts, record, message):
+    processor = make_processor(parts, None)
+    with pytest.raises(DataError, match=message):
+        ConversationEncoder(processor, max_length=512).encode(to_sample(record, "f.json[0]"))
+
+
+def test_dataset_reports_every_bad_sample(parts):
+    processor = make_processor(parts, None)
+    good = conversation_records()[0]
+    bad = [{"id": f"bad{i}", "conversations": [{"from": "human", "value": "Hi"}]} for i in range(3)]
+    samples = [to_sample(r, f"mem[{i}]") for i, r in enumerate([good] + bad)]
+    with pytest.raises(DataError, match=r"3 of 4 samples") as error:
+        LlavaDataset(samples, processor, 512, parts["images"])
+    assert all(f"bad{i}" in str(error.value) for i in range(3))
+
+
+def test_reader_errors_name_file_and_position(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(conversation_records()[0]) + "\n{\"id\": \"x\", \n")
+    with pytest.raises(DataError, match=r"broken.jsonl:2: malformed JSON at column \d+"):
+        load_samples([str(broken)])
+    role = tmp_path / "role.json"
+    role.write_text(json.dumps([{"id": "r", "conversations": [{"from": "robot", "value": "beep"}]}]))
+    with pytest.raises(DataError, match=r"role.json\[0\] \(id 'r'\): turn 0 has an unknown role"):
+        load_samples([str(role)])
+
+
+def test_images_without_image_folder_are_refused(parts):
+    processor = make_processor(parts, None)
+    with pytest.raises(DataError, match="--image_folder is not set"):
+        build_dataset([parts["data"]], processor, 512, image_folder=None)

@@ -1,0 +1,92 @@
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from llava.arguments import ModelArguments
+from llava.collator import LlavaDataCollator
+from llava.data import build_dataset
+from llava.model import (LlavaForConditionalGeneration, assemble_llava, build_processor, components,
+                         parameter_table, set_trainable)
+from tests.tiny_parts import TOKENS_PER_IMAGE, save_vision_model
+
+
+def assemble(parts, vision=None):
+    args = ModelArguments(vision_model_name_or_path=vision or parts["vision"], language_model_name_or_path=parts["lm"])
+    processor = build_processor(args)
+    return assemble_llava(args, processor), processor
+
+
+def batch(parts, processor, n=6):
+    dataset = build_dataset([parts["data"]], processor, 512, parts["images"])
+    return LlavaDataCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(n)])
+
+
+def test_assembly_copies_pretrained_weights_and_adds_image_token(parts):
+    model, processor = assemble(parts)
+    lm_source = load_file(f"{parts['lm']}/model.safetensors")
+    vision_source = transformers.CLIPVisionModel.from_pretrained(parts["vision"]).state_dict()
+    n_vocab = lm_source["model.embed_tokens.weight"].shape[0]
+    assert processor.image_token_id == n_vocab  # appended, not a hard-coded id
+    assert model.config.text_config.vocab_size == n_vocab + 1
+    embed = model.model.language_model.embed_tokens.weight
+    assert torch.equal(embed[:n_vocab], lm_source["model.embed_tokens.weight"])
+    assert torch.equal(model.lm_head.weight[:n_vocab], lm_source["lm_head.weight"])
+    for name, tensor in model.model.language_model.state_dict().items():
+        if name != "embed_tokens.weight":
+            assert torch.equal(tensor, lm_source[f"model.{name}"]), name
+    for name, tensor in model.model.vision_tower.state_dict().items():
+        assert torch.equal(tensor, vision_source[name]), name
+    assert processor.num_additional_image_tokens == 1 and processor.vision_feature_select_strategy == "default"
+    assert model.config.vision_feature_layer == -2 and model.config.image_seq_length == TOKENS_PER_IMAGE
+
+
+def test_full_clip_checkpoint_gives_its_vision_part(parts, tmp_path):
+    full_clip = save_vision_model(str(tmp_path / "clip"), full_clip=True)
+    model, _ = assemble(parts, vision=full_clip)
+    reference = transformers.CLIPModel.from_pretrained(full_clip).vision_model.state_dict()
+    for name, tensor in model.model.vision_tower.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+
+
+def test_loss_on_trained_positions_equals_upstream_full_logits_loss(parts):
+    model, processor = assemble(parts)
+    inputs = batch(parts, processor)
+    ours = model(**inputs).loss
+    upstream = transformers.LlavaForConditionalGeneration.forward(model, **inputs).loss
+    torch.testing.assert_close(ours, upstream, rtol=1e-5, atol=1e-6)
+    count = torch.tensor(37)  # the Trainer passes the token count of the whole accumulated batch
+    torch.testing.assert_close(model(**inputs, num_items_in_batch=count).loss,
+                               transformers.LlavaForConditionalGeneration.forward(
+                                   model, **inputs, num_items_in_batch=count).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_tower_builds_no_graph_and_unfrozen_tower_trains(parts):
+    model, processor = assemble(parts)
+    inputs = batch(parts, processor)
+    seen = {}
+    model.model.vision_tower.register_forward_hook(
+        lambda module, args, output: seen.update(requires_grad=output.last_hidden_state.requires_grad))
+    for train_tower in (False, True):
+        set_trainable(model, vision_tower=train_tower, projector=True, language_model=False)
+        model.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        assert seen["requires_grad"] is train_tower
+        # layers above vision_feature_layer (-2) do not feed the projector, so look at the patch embedding
+        patch_grad = model.model.vision_tower.embeddings.patch_embedding.weight.grad
+        assert (patch_grad is not None and patch_grad.abs().sum() > 0) if train_tower else patch_grad is None
+        assert all(p.grad is None for p in model.model.language_model.parameters())
+        assert all(p.grad is not None for p in model.model.multi_modal_projector.parameters())
+
+
+def test_parameter_table_counts_each_component(parts):
+    model, _ = assemble(parts)
+    set_trainable(model, vision_tower=False, projector=True, language_model=False)
+    table = parameter_table(model)
+    projector = sum(p.numel() for p in components(model)["projector"].parameters())
+    assert f"{projector:,}" in table.splitlines()[2]
+    total_line = table.splitlines()[-1].split()
+    assert total_line[0] == "total" and total_line[2] == f"{projector:,}"
+
+
+def test_checkpoint_class_name_is_upstream():
+    assert LlavaForConditionalGeneration.__name__ == transformers.LlavaForConditionalGeneration.__name__
