@@ -33,12 +33,14 @@ class DataError(ValueError):
 @dataclass
 class Sample:
     """One conversation. `messages` are {"role": user|assistant|system, "content": str} with image placeholders
-    left in the text; `images` are paths in placeholder order; `location` is "file:line" or "file[index]"."""
+    left in the text; `images` are paths in placeholder order; `location` is "file:line" or "file[index]".
+    """
 
     id: str
     location: str
     messages: list[dict]
     images: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)  # the record's other fields, e.g. "answer_type" for evaluation
 
     def describe(self) -> str:
         return f"{self.location} (id {self.id!r})"
@@ -91,7 +93,8 @@ def to_sample(record: dict, location: str) -> Sample:
         messages.append({"role": role, "content": content})
     images = record.get("image", record.get("images")) or []
     images = [images] if isinstance(images, str) else list(images)
-    return Sample(id=sample_id, location=location, messages=messages, images=images)
+    metadata = {k: v for k, v in record.items() if k not in ("id", "image", "images", "conversations")}
+    return Sample(id=sample_id, location=location, messages=messages, images=images, metadata=metadata)
 
 
 def load_samples(data_paths: list[str]) -> list[Sample]:
@@ -131,7 +134,8 @@ class ConversationEncoder:
         self.max_length = max_length
         self.string_content = self._template_takes_string_content()
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The chat template's text for `messages`, image placeholders left in place."""
         if not self.string_content:
             messages = [{"role": m["role"], "content": self._structured(m["content"])} for m in messages]
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
@@ -158,13 +162,13 @@ class ConversationEncoder:
 
     def trained_spans(self, sample: Sample) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans [start, end) of every assistant answer."""
-        rendered = self._render(sample.messages, add_generation_prompt=False)
+        rendered = self.render(sample.messages, add_generation_prompt=False)
         spans = []
         for index, message in enumerate(sample.messages):
             if message["role"] != "assistant":
                 continue
-            prompt = self._render(sample.messages[:index], add_generation_prompt=True)
-            through_answer = self._render(sample.messages[: index + 1], add_generation_prompt=False)
+            prompt = self.render(sample.messages[:index], add_generation_prompt=True)
+            through_answer = self.render(sample.messages[: index + 1], add_generation_prompt=False)
             if not (through_answer.startswith(prompt) and rendered.startswith(through_answer)):
                 raise DataError(
                     f"{sample.describe()}: the chat template renders turn {index} differently depending on what "

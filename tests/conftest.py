@@ -21,3 +21,17 @@ def parts(tmp_path_factory):
         "images": image_folder,
         "root": root,
     }
+
+
+@pytest.fixture(scope="session")
+def llava_checkpoint(parts):
+    """An assembled, untrained LLaVA checkpoint folder (weights + processor), as a user's stage output."""
+    from llava.arguments import ModelArguments
+    from llava.model import load_model, load_processor
+
+    args = ModelArguments(vision_model_name_or_path=parts["vision"], language_model_name_or_path=parts["lm"])
+    processor = load_processor(args)
+    path = str(parts["root"] / "llava")
+    load_model(args, processor).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

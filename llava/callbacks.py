@@ -1,0 +1,72 @@
+"""TensorBoard callback that shows what the model answers, not only a loss curve."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.tensorboard import SummaryWriter
+from transformers import TrainerCallback
+
+from llava.data import Sample, load_image
+from llava.inference import Answerer
+
+CARD_WIDTH, IMAGE_SIDE, LINE_HEIGHT = 320, 160, 14
+
+
+def sample_card(image: Image.Image | None, lines: list[str]) -> Image.Image:
+    """The image, enlarged, above the question / answer / truth text, as one picture for the Images tab."""
+    card = Image.new("RGB", (CARD_WIDTH, IMAGE_SIDE + 8 + LINE_HEIGHT * len(lines)), "white")
+    if image is not None:
+        card.paste(image.resize((IMAGE_SIDE, IMAGE_SIDE)), ((CARD_WIDTH - IMAGE_SIDE) // 2, 0))
+    draw = ImageDraw.Draw(card)
+    for row, line in enumerate(lines):
+        draw.text((4, IMAGE_SIDE + 4 + row * LINE_HEIGHT), line[:52], fill="black")
+    return card
+
+
+class SampleAnswersCallback(TrainerCallback):
+    """At every checkpoint save and at the end, answer a few held-out samples greedily and log them to
+    TensorBoard under <output_dir>/runs/samples: one picture per sample (image + question, model answer,
+    ground truth) in the Images tab and a table in the Text tab. Runs on the main process only."""
+
+    def __init__(self, samples: list[Sample], image_folder: str | None, processor, max_new_tokens: int = 16):
+        self.samples = samples
+        self.image_folder = image_folder
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        self.writer = None
+
+    def _log(self, args, state, model) -> None:
+        if not state.is_world_process_zero or not self.samples:
+            return
+        if self.writer is None:
+            self.writer = SummaryWriter(os.path.join(args.output_dir, "runs", "samples"))
+        images = [[load_image(os.path.join(self.image_folder, p)) for p in s.images] for s in self.samples]
+        was_training = model.training
+        model.eval()
+        try:
+            answers = Answerer(model, self.processor, self.max_new_tokens).answer(
+                [s.messages[:-1] for s in self.samples], images)
+        finally:
+            model.train(was_training)
+        rows = ["| id | question | model | truth |", "|---|---|---|---|"]
+        for index, (sample, sample_images, answer) in enumerate(zip(self.samples, images, answers)):
+            question = sample.messages[-2]["content"].replace(self.processor.image_token, "").strip()
+            truth = sample.messages[-1]["content"]
+            card = sample_card(sample_images[0] if sample_images else None,
+                               [f"Q: {question}", f"model: {answer}", f"truth: {truth}"])
+            self.writer.add_image(f"samples/{index}_{sample.id}", np.asarray(card), state.global_step,
+                                  dataformats="HWC")
+            rows.append(f"| {sample.id} | {question} | {answer} | {truth} |")
+        self.writer.add_text("samples", "\n".join(rows), state.global_step)
+        self.writer.flush()
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self._log(args, state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._log(args, state, model)
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,52 @@
+"""Batched greedy answers from a trained checkpoint: shared by `llava.generate`, `llava.evaluate` and the
+TensorBoard sample callback, so all three prompt the model exactly as training rendered its data."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, ProcessorMixin
+
+from llava.data import ConversationEncoder
+from llava.model import LlavaForConditionalGeneration
+
+
+def load_for_inference(path: str, dtype: str = "float32"):
+    """(model in eval mode, processor) from a LLaVA checkpoint folder or hub id."""
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+    processor = AutoProcessor.from_pretrained(path)
+    return model.eval(), processor
+
+
+class Answerer:
+    """Greedy-decodes answers for conversations whose last turn is the user's.
+
+    Prompts are rendered by the same `ConversationEncoder` the training data went through (same chat
+    template, same placeholder handling), then padded on the left so every prompt ends where generation starts.
+    """
+
+    def __init__(self, model, processor: ProcessorMixin, max_new_tokens: int = 32):
+        self.model = model
+        self.processor = processor
+        self.encoder = ConversationEncoder(processor, max_length=1 << 30)
+        self.max_new_tokens = max_new_tokens
+
+    @torch.no_grad()
+    def answer(self, conversations: list[list[dict]], images: list[list[Image.Image]]) -> list[str]:
+        """One answer per conversation; `images[i]` fills conversation i's placeholders in order."""
+        prompts = [self.encoder.render(messages, add_generation_prompt=True) for messages in conversations]
+        flat_images = [image for sample_images in images for image in sample_images]
+        tokenizer = self.processor.tokenizer
+        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            inputs = self.processor(text=prompts, images=flat_images or None, padding=True, return_tensors="pt",
+                                    add_special_tokens=False)
+        finally:
+            tokenizer.padding_side = padding_side
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
