@@ -1,4 +1,4 @@
-"""Conversation data: LLaVA JSON/JSONL records -> typed samples -> token ids and labels -> a torch Dataset.
+"""Conversation data: LLaVA JSON/JSONL records -> typed samples (+ their images) -> token ids and labels.
 
 Labels come from the chat template itself: for every assistant turn the conversation is rendered up to
 the turn's generation prompt and up to the turn's end, and the characters in between (the answer plus the
@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 
-import torch
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 
 from llava.model import IGNORE_INDEX, image_token_count
@@ -27,7 +26,14 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 class DataError(ValueError):
-    """A sample that cannot be trained on; the message names its file, position and id and the fix."""
+    """A sample that cannot be trained on; the message names its file, position and id and the fix.
+
+    `kind` is a short name of the defect (e.g. "missing_image"), used to count problems by kind.
+    """
+
+    def __init__(self, message: str, kind: str = "invalid_sample"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -49,17 +55,25 @@ class Sample:
 # --------------------------------------------------------------------------------------------- reading
 
 def read_records(path: str):
-    """Yield (location, record) from a LLaVA .json list or a .jsonl file (one object per line)."""
+    """Yield (location, record) from a LLaVA .json list or a .jsonl file (one object per line).
+
+    A malformed JSONL line is yielded as (location, DataError) so one bad line does not hide the rest; a
+    malformed .json file raises, since nothing after the error can be located.
+    """
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
             for line_number, line in enumerate(f, start=1):
                 if line.strip():
-                    yield f"{path}:{line_number}", _parse_json(line.strip(), f"{path}:{line_number}")
+                    location = f"{path}:{line_number}"
+                    try:
+                        yield location, _parse_json(line.strip(), location)
+                    except DataError as error:
+                        yield location, error
             return
         records = _parse_json(f.read(), path)
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of samples, got {type(records).__name__}. "
-                        "Use a .jsonl file for one sample per line.")
+                        "Use a .jsonl file for one sample per line.", kind="malformed_json")
     for index, record in enumerate(records):
         yield f"{path}[{index}]", record
 
@@ -69,48 +83,108 @@ def _parse_json(text: str, where: str):
         return json.loads(text)
     except json.JSONDecodeError as error:
         position = f"column {error.colno}" if error.lineno == 1 else f"line {error.lineno}, column {error.colno}"
-        raise DataError(f"{where}: malformed JSON at {position}: {error.msg}") from None
+        raise DataError(f"{where}: malformed JSON at {position}: {error.msg}", kind="malformed_json") from None
 
 
 def to_sample(record: dict, location: str) -> Sample:
     """Turn one LLaVA record into a `Sample`; raise `DataError` naming the sample when it is malformed."""
+    if isinstance(record, DataError):
+        raise record
     if not isinstance(record, dict):
-        raise DataError(f"{location}: a sample must be a JSON object, got {type(record).__name__}.")
+        raise DataError(f"{location}: a sample must be a JSON object, got {type(record).__name__}.",
+                        kind="malformed_sample")
     sample_id = str(record.get("id", location))
     where = f"{location} (id {sample_id!r})"
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: needs a non-empty 'conversations' list of {{'from', 'value'}} turns.")
+        raise DataError(f"{where}: needs a non-empty 'conversations' list of {{'from', 'value'}} turns.",
+                        kind="malformed_sample")
     messages = []
     for turn_index, turn in enumerate(turns):
         role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower()) if isinstance(turn, dict) else None
         if role is None:
             raise DataError(f"{where}: turn {turn_index} has an unknown role; use 'from' with one of "
-                            f"{sorted(ROLES)}.")
+                            f"{sorted(ROLES)}.", kind="unknown_role")
         content = turn.get("value", turn.get("content"))
         if not isinstance(content, str):
-            raise DataError(f"{where}: turn {turn_index} needs a string 'value'.")
+            raise DataError(f"{where}: turn {turn_index} needs a string 'value'.", kind="malformed_sample")
+        if not content.strip():
+            raise DataError(f"{where}: turn {turn_index} ({role}) has empty text; remove the turn or fill it in.",
+                            kind="empty_text")
         messages.append({"role": role, "content": content})
     images = record.get("image", record.get("images")) or []
     images = [images] if isinstance(images, str) else list(images)
+    if not all(isinstance(image, str) and image for image in images):
+        raise DataError(f"{where}: 'image' must be a path or a list of paths.", kind="malformed_sample")
     metadata = {k: v for k, v in record.items() if k not in ("id", "image", "images", "conversations")}
     return Sample(id=sample_id, location=location, messages=messages, images=images, metadata=metadata)
 
 
-def load_samples(data_paths: list[str]) -> list[Sample]:
-    """Read and mix every file of `--data_path`; a malformed record raises `DataError`."""
-    samples = []
+def iter_samples(data_paths: list[str]):
+    """Yield a `Sample`, or the `DataError` of a malformed record, for every record of every file, in order."""
     for path in data_paths:
         if not os.path.isfile(path):
-            raise DataError(f"--data_path file not found: {path}")
-        samples.extend(to_sample(record, location) for location, record in read_records(path))
+            raise DataError(f"--data_path file not found: {path}", kind="missing_data_file")
+        for location, record in read_records(path):
+            try:
+                yield to_sample(record, location)
+            except DataError as error:
+                yield error
+
+
+def load_samples(data_paths: list[str]) -> list[Sample]:
+    """Read and mix every file of `--data_path`; the first malformed record raises its `DataError`."""
+    samples = []
+    for item in iter_samples(data_paths):
+        if isinstance(item, DataError):
+            raise item
+        samples.append(item)
     return samples
 
 
+# --------------------------------------------------------------------------------------------- images
+
+def resolve_image_path(image_folder: str | None, relative: str, sample: Sample,
+                       allow_absolute: bool = False) -> str:
+    """`relative` inside `image_folder`; refuse absolute paths and `..` escapes (untrusted data) unless allowed."""
+    if image_folder is None and not (allow_absolute and os.path.isabs(relative)):
+        raise DataError(f"{sample.describe()} has images but --image_folder is not set; pass the folder its "
+                        "image paths are relative to.", kind="no_image_folder")
+    if allow_absolute:
+        return os.path.join(image_folder or "", relative)
+    folder = os.path.normpath(image_folder)
+    path = os.path.normpath(os.path.join(folder, relative))
+    if os.path.isabs(relative) or not path.startswith(folder + os.sep):
+        raise DataError(f"{sample.describe()}: image path {relative!r} leaves --image_folder; use a path relative "
+                        "to it, or pass --allow_absolute_image_paths True if you trust this data.",
+                        kind="image_path_escapes_folder")
+    return path
+
+
 def load_image(path: str) -> Image.Image:
-    """Open an image as RGB, honouring EXIF orientation (phone photos) and flattening palette/alpha/grayscale."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+    """Open an image as RGB, honouring EXIF orientation (phone photos) and flattening palette/alpha/grayscale.
+
+    Images above PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`, ~89 MP) are refused as likely decompression
+    bombs rather than decoded.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def check_image(path: str, sample: Sample) -> None:
+    """Raise a `DataError` naming the sample if the image at `path` is missing, corrupt or too large."""
+    try:
+        load_image(path)
+    except FileNotFoundError:
+        raise DataError(f"{sample.describe()}: image not found: {path}", kind="missing_image") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise DataError(f"{sample.describe()}: image {path} refused as a possible decompression bomb ({error}); "
+                        "downscale it.", kind="image_too_large") from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's ways of saying "not a (complete) image"
+        raise DataError(f"{sample.describe()}: unreadable or corrupt image {path}: {error}",
+                        kind="corrupt_image") from None
 
 
 # --------------------------------------------------------------------------------------------- tokenizing
@@ -173,7 +247,7 @@ class ConversationEncoder:
                 raise DataError(
                     f"{sample.describe()}: the chat template renders turn {index} differently depending on what "
                     "follows it, so answer spans cannot be located. Use a template whose rendering of a "
-                    "conversation prefix is a prefix of the whole (pass --chat_template)."
+                    "conversation prefix is a prefix of the whole (pass --chat_template).", kind="template_error"
                 )
             spans.append((len(prompt), len(through_answer.rstrip())))
         return rendered, spans
@@ -185,9 +259,11 @@ class ConversationEncoder:
         except DataError:
             raise
         except Exception as error:  # jinja raises e.g. on roles out of order
-            raise DataError(f"{sample.describe()}: the chat template rejected this conversation: {error}") from None
+            raise DataError(f"{sample.describe()}: the chat template rejected this conversation: {error}",
+                            kind="template_error") from None
         if not spans:
-            raise DataError(f"{sample.describe()}: no assistant turn, so nothing to train on.")
+            raise DataError(f"{sample.describe()}: no assistant turn, so nothing to train on.",
+                            kind="no_assistant_turn")
         encoded = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
         input_ids, labels = [], []
         span_index = 0
@@ -204,76 +280,24 @@ class ConversationEncoder:
         placeholders = input_ids.count(self.image_token_id) // self.tokens_per_image
         if placeholders != len(sample.images):
             raise DataError(f"{sample.describe()}: {placeholders} {self.image_token} placeholder(s) but "
-                            f"{len(sample.images)} image(s); put one {self.image_token} in the text per image.")
+                            f"{len(sample.images)} image(s); put one {self.image_token} in the text per image.",
+                            kind="image_count_mismatch")
         return self._truncate(sample, input_ids, labels)
 
     def _truncate(self, sample: Sample, input_ids: list[int], labels: list[int]) -> dict[str, list[int]]:
         if len(input_ids) > self.max_length:
+            image_tokens = input_ids.count(self.image_token_id)
+            if image_tokens > self.max_length:
+                raise DataError(f"{sample.describe()}: its images alone take {image_tokens} tokens, more than "
+                                f"--model_max_length {self.max_length}; raise it or use fewer images.",
+                                kind="images_exceed_max_length")
             if self.image_token_id in input_ids[self.max_length:]:
                 raise DataError(
                     f"{sample.describe()}: {len(input_ids)} tokens, and --model_max_length {self.max_length} would "
-                    "cut through an image's tokens; raise --model_max_length or shorten the sample."
-                )
+                    "cut through an image's tokens; raise --model_max_length or shorten the sample.",
+                    kind="truncation_cuts_image")
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError(f"{sample.describe()}: no answer token left within --model_max_length "
-                            f"{self.max_length}; raise it or shorten the sample.")
+                            f"{self.max_length}; raise it or shorten the sample.", kind="no_answer_within_max_length")
         return {"input_ids": input_ids, "labels": labels}
-
-
-# --------------------------------------------------------------------------------------------- dataset
-
-class LlavaDataset(torch.utils.data.Dataset):
-    """Tokenized samples; images are read and preprocessed per item, so in DataLoader workers.
-
-    Each item: {"input_ids": (T,), "labels": (T,), "pixel_values": (num_images, 3, H, W)}; text-only
-    samples have no "pixel_values".
-    """
-
-    def __init__(self, samples: list[Sample], processor: ProcessorMixin, max_length: int,
-                 image_folder: str | None = None):
-        encoder = ConversationEncoder(processor, max_length)
-        self.image_processor = processor.image_processor
-        self.image_folder = image_folder
-        self.samples = samples
-        self.encoded, problems = [], []
-        for sample in tqdm(samples, desc="tokenizing", mininterval=2, disable=len(samples) < 1000):
-            try:
-                self.encoded.append(encoder.encode(sample))
-            except DataError as error:
-                problems.append(str(error))
-        if problems:
-            shown = "\n  ".join(problems[:50])
-            more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-            raise DataError(f"{len(problems)} of {len(samples)} samples cannot be trained on:\n  {shown}{more}")
-        if image_folder is None and any(s.images for s in samples):
-            first = next(s for s in samples if s.images)
-            raise DataError(f"{first.describe()} has images but --image_folder is not set; pass the folder "
-                            "its image paths are relative to.")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def image_path(self, relative: str) -> str:
-        return os.path.join(self.image_folder, relative)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample, encoded = self.samples[index], self.encoded[index]
-        item = {"input_ids": torch.tensor(encoded["input_ids"]), "labels": torch.tensor(encoded["labels"])}
-        if sample.images:
-            images = []
-            for relative in sample.images:
-                try:
-                    images.append(load_image(self.image_path(relative)))
-                except (OSError, ValueError) as error:
-                    raise DataError(f"{sample.describe()}: cannot read image {self.image_path(relative)}: "
-                                    f"{error}") from None
-            item["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return item
-
-
-def build_dataset(data_paths: list[str], processor: ProcessorMixin, max_length: int,
-                  image_folder: str | None) -> LlavaDataset:
-    """Read every file, tokenize every sample, and refuse to go on with a report if any sample is bad."""
-    samples = load_samples(data_paths)
-    return LlavaDataset(samples, processor, max_length, image_folder)

@@ -12,7 +12,7 @@ from transformers import set_seed
 
 from llava.arguments import parse_args
 from llava.collator import LlavaDataCollator
-from llava.data import build_dataset
+from llava.dataset import build_dataset
 from llava.model import load_model, load_processor, set_trainable
 from llava.trainer import LlavaTrainer
 

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from llava.arguments import ModelArguments
-from llava.data import ConversationEncoder, DataError, LlavaDataset, build_dataset, load_samples, to_sample
+from llava.data import ConversationEncoder, DataError, load_samples, to_sample
+from llava.dataset import build_dataset
 from llava.model import IGNORE_INDEX, build_processor
 from tests.tiny_parts import (CHATML_DEFAULT_SYSTEM_TEMPLATE, CHATML_TEMPLATE, LLAMA2_TEMPLATE, TOKENS_PER_IMAGE,
                               conversation_records, save_language_model, write_dataset)
@@ -96,8 +97,12 @@ def test_truncation_cuts_text_after_images_but_never_an_image_span(parts):
     encoded = ConversationEncoder(processor, max_length=40).encode(sample)
     assert len(encoded["input_ids"]) == 40
     assert encoded["input_ids"].count(processor.image_token_id) == TOKENS_PER_IMAGE
-    with pytest.raises(DataError, match=r"id 'long'.*cut through an image"):
+    with pytest.raises(DataError, match=r"id 'long'.*cut through an image") as error:
+        ConversationEncoder(processor, max_length=TOKENS_PER_IMAGE + 1).encode(sample)
+    assert error.value.kind == "truncation_cuts_image"
+    with pytest.raises(DataError, match=r"id 'long'.*images alone take 16 tokens") as error:
         ConversationEncoder(processor, max_length=10).encode(sample)
+    assert error.value.kind == "images_exceed_max_length"
 
 
 @pytest.mark.parametrize("record, message", [
@@ -112,13 +117,12 @@ def test_bad_samples_are_named(parts, record, message):
         ConversationEncoder(processor, max_length=512).encode(to_sample(record, "f.json[0]"))
 
 
-def test_dataset_reports_every_bad_sample(parts):
+def test_dataset_reports_every_bad_sample(parts, tmp_path):
     processor = make_processor(parts, None)
-    good = conversation_records()[0]
     bad = [{"id": f"bad{i}", "conversations": [{"from": "human", "value": "Hi"}]} for i in range(3)]
-    samples = [to_sample(r, f"mem[{i}]") for i, r in enumerate([good] + bad)]
-    with pytest.raises(DataError, match=r"3 of 4 samples") as error:
-        LlavaDataset(samples, processor, 512, parts["images"])
+    data_path, image_folder = write_dataset(str(tmp_path), conversation_records()[:1] + bad)
+    with pytest.raises(DataError, match=r"3 of 4 samples invalid: last_turn_not_assistant 3") as error:
+        build_dataset([data_path], processor, 512, image_folder)
     assert all(f"bad{i}" in str(error.value) for i in range(3))
 
 
@@ -135,5 +139,5 @@ def test_reader_errors_name_file_and_position(tmp_path):
 
 def test_images_without_image_folder_are_refused(parts):
     processor = make_processor(parts, None)
-    with pytest.raises(DataError, match="--image_folder is not set"):
+    with pytest.raises(DataError, match=r"no_image_folder.*--image_folder is not set"):
         build_dataset([parts["data"]], processor, 512, image_folder=None)

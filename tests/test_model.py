@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 
 from llava.arguments import ModelArguments
 from llava.collator import LlavaDataCollator
-from llava.data import build_dataset
+from llava.dataset import build_dataset
 from llava.model import (LlavaForConditionalGeneration, assemble_llava, build_processor, components,
                          parameter_table, set_trainable)
 from tests.tiny_parts import TOKENS_PER_IMAGE, save_vision_model

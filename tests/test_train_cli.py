@@ -15,7 +15,7 @@ from transformers import LlavaForConditionalGeneration as PlainLlava
 
 from llava import inspect_data
 from llava.collator import LlavaDataCollator
-from llava.data import build_dataset
+from llava.dataset import build_dataset
 from llava.train import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

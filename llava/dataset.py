@@ -1,0 +1,77 @@
+"""The training `Dataset`: validated, tokenized samples; images are decoded per item, in DataLoader workers."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import ProcessorMixin
+
+from llava.data import DataError, Sample, load_image, resolve_image_path
+from llava.validation import validate
+
+logger = logging.getLogger(__name__)
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Each item: {"input_ids": (T,), "labels": (T,), "pixel_values": (num_images, 3, H, W)}; text-only
+    samples have no "pixel_values".
+
+    An image that fails to load now although it passed validation (replaced on disk, say) raises a
+    `DataError` naming the sample, or, with `skip_invalid`, is logged and replaced by the next sample, so a
+    long run is not killed by one file.
+    """
+
+    def __init__(self, samples: list[Sample], encoded: list[dict[str, list[int]]], processor: ProcessorMixin,
+                 image_folder: str | None, allow_absolute_image_paths: bool = False, skip_invalid: bool = False):
+        self.samples = samples
+        self.encoded = encoded
+        self.image_processor = processor.image_processor
+        self.image_folder = image_folder
+        self.allow_absolute_image_paths = allow_absolute_image_paths
+        self.skip_invalid = skip_invalid
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        for offset in range(len(self.samples)):
+            try:
+                return self._item((index + offset) % len(self.samples))
+            except DataError as error:
+                if not self.skip_invalid:
+                    raise
+                logger.warning("skipping a sample that failed at load time: %s", error)
+        raise DataError("every sample failed to load; check --image_folder and the image files.")
+
+    def _item(self, index: int) -> dict[str, torch.Tensor]:
+        sample, encoded = self.samples[index], self.encoded[index]
+        item = {"input_ids": torch.tensor(encoded["input_ids"]), "labels": torch.tensor(encoded["labels"])}
+        if sample.images:
+            images = []
+            for relative in sample.images:
+                path = resolve_image_path(self.image_folder, relative, sample, self.allow_absolute_image_paths)
+                try:
+                    images.append(load_image(path))
+                except (OSError, ValueError, SyntaxError, Warning) as error:
+                    raise DataError(f"{sample.describe()}: cannot read image {path}: {error}",
+                                    kind="corrupt_image") from None
+            item["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return item
+
+
+def build_dataset(data_paths: list[str], processor: ProcessorMixin, max_length: int, image_folder: str | None,
+                  skip_invalid: bool = False, allow_absolute_image_paths: bool = False,
+                  num_workers: int | None = None) -> LlavaDataset:
+    """Validate and tokenize every sample; refuse with the full report if any is invalid, unless `skip_invalid`,
+    which drops them and logs how many were skipped and why."""
+    result = validate(data_paths, processor, max_length, image_folder, allow_absolute_image_paths, num_workers)
+    if result.problems:
+        if not skip_invalid:
+            raise DataError(f"invalid training data (nothing was trained; fix these samples or pass "
+                            f"--skip_invalid_samples True to drop them):\n{result.report()}")
+        logger.warning("skipping invalid samples:\n%s", result.report(limit=20))
+    if not result.samples:
+        raise DataError(f"no valid samples in {', '.join(data_paths)}.", kind="no_samples")
+    return LlavaDataset(result.samples, result.encoded, processor, image_folder, allow_absolute_image_paths,
+                        skip_invalid)
