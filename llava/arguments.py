@@ -3,7 +3,9 @@
 A training stage is a set of flags, not code: stage 1 (align) is
 `--freeze_vision_model True --freeze_language_model True`, stage 2 (instruct) is
 `--freeze_vision_model True --freeze_language_model False --model_name_or_path <stage-1 output>`.
-Cross-field checks run in `__post_init__`, before any model is loaded, and say how to fix the flags.
+Low-memory stage 2 adds `--lora_enable True` (adapters on the LM) and, for QLoRA, `--load_in_4bit True`.
+Cross-field checks run in `__post_init__` (and, for checks spanning two dataclasses, in `parse_args`), before
+any model is loaded, and say how to fix the flags.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from transformers import HfArgumentParser, TrainingArguments
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16", "auto"]
 SELECT_STRATEGY_CHOICES = ["default", "full"]
+QUANT_TYPE_CHOICES = ["nf4", "fp4"]
+# `--lora_target_modules` entries with this prefix name vision-tower modules; all others name LM modules.
+VISION_TARGET_PREFIX = "vision_tower."
 
 
 @dataclass
@@ -66,8 +71,26 @@ class ModelArguments:
     image_token: str = field(
         default="<image>", metadata={"help": "Placeholder token for an image in the text (added when missing)."}
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: keep the language model's decoder linear layers in 4-bit (bitsandbytes). The vision "
+                          "tower, projector, embeddings, norms and lm_head stay in --dtype. Needs --lora_enable True."},
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={"help": "Like --load_in_4bit with 8-bit (LLM.int8) weights: more memory, closer to full precision."},
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type: nf4 (QLoRA's NormalFloat, default) or fp4.",
+                                 "choices": QUANT_TYPE_CHOICES},
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Also quantize the 4-bit quantization constants (saves ~0.4 bits/weight)."}
+    )
 
     def __post_init__(self) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load_in_4bit and --load_in_8bit are exclusive: pick one.")
         parts = [self.vision_model_name_or_path, self.language_model_name_or_path]
         if self.model_name_or_path and any(parts):
             raise ValueError(
@@ -83,6 +106,14 @@ class ModelArguments:
     @property
     def assembles_new_model(self) -> bool:
         return self.model_name_or_path is None
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+    @property
+    def quantization_flag(self) -> str:
+        return "--load_in_4bit" if self.load_in_4bit else "--load_in_8bit"
 
 
 @dataclass
@@ -133,6 +164,45 @@ class LlavaTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs every field the dataset returns."}
     )
+    projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the projector (default: --learning_rate). LLaVA-1.5 LoRA "
+                                        "recipe: 2e-5 next to a 2e-4 adapter learning rate."},
+    )
+    vision_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the vision tower when it trains (default: --learning_rate)."}
+    )
+    lora_enable: bool = field(
+        default=False,
+        metadata={"help": "Train LoRA adapters instead of full weights. The frozen/unfrozen flags still say which "
+                          "components learn: an unfrozen LM learns through adapters only (its weights stay fixed); "
+                          "an unfrozen projector (and an unfrozen vision tower without adapters) trains fully."},
+    )
+    lora_r: int = field(
+        default=16,
+        metadata={"help": "LoRA rank. 16 suits LMs up to ~1B (the demo's SmolLM2-135M); LLaVA-1.5's 7B recipe uses "
+                          "128 with --lora_alpha 256. Adapter memory grows linearly with r."},
+    )
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator: updates are scaled by alpha/r."})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the adapters' inputs. Default 0: dropout keeps an extra copy of every adapted "
+                          "layer's input for the backward pass (+15% peak memory for QLoRA on SmolLM2-135M); "
+                          "LLaVA-1.5 used 0.05."},
+    )
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated names of the linear layers that get adapters, matched as name suffixes "
+                          "inside the language model, e.g. 'q_proj,v_proj'; 'all-linear' (the default) is every "
+                          "linear layer of the LM decoder (never lm_head). Names prefixed with 'vision_tower.' "
+                          "(e.g. 'vision_tower.q_proj', 'vision_tower.all-linear') target the vision tower instead: "
+                          "it never gets adapters unless named so."},
+    )
+    merge_lora: bool = field(
+        default=True,
+        metadata={"help": "LoRA runs: write the final --output_dir as a plain full-precision LLaVA checkpoint with "
+                          "the adapters merged (the adapter itself goes to <output_dir>/adapter). False: the final "
+                          "output_dir is an adapter checkpoint like checkpoint-N (merge later with llava.merge_lora)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,6 +211,40 @@ class LlavaTrainingArguments(TrainingArguments):
                 "Every component is frozen, so nothing would train. Unfreeze at least one of "
                 "--freeze_vision_model False, --freeze_projector False, --freeze_language_model False."
             )
+        if self.lora_enable:
+            self._check_lora()
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """`--lora_target_modules` as a list; the LM's 'all-linear' when unset."""
+        return [t.strip() for t in (self.lora_target_modules or "all-linear").split(",") if t.strip()]
+
+    def _check_lora(self) -> None:
+        """Adapters go only where a component is unfrozen, and something must carry them."""
+        vision = [t for t in self.lora_targets if t.startswith(VISION_TARGET_PREFIX)]
+        language = [t for t in self.lora_targets if not t.startswith(VISION_TARGET_PREFIX)]
+        if language and self.freeze_language_model:
+            raise ValueError(
+                f"--lora_enable True puts adapters on the language model ({','.join(language)}), but "
+                "--freeze_language_model True keeps it fixed. Pass --freeze_language_model False to train the LM "
+                "through adapters, or drop --lora_enable to train only the projector (stage 1)."
+                + ("" if self.lora_target_modules else " For adapters on the vision tower only, name them: "
+                   "--lora_target_modules vision_tower.all-linear --freeze_vision_model False.")
+            )
+        if not language and not self.freeze_language_model:
+            raise ValueError(
+                "--lora_enable True with --freeze_language_model False: the LM learns only through adapters, but "
+                f"--lora_target_modules ({self.lora_target_modules}) names none of its modules. Add LM modules "
+                "(e.g. all-linear) or pass --freeze_language_model True."
+            )
+        if vision and self.freeze_vision_model:
+            raise ValueError(
+                f"--lora_target_modules names vision-tower modules ({','.join(vision)}), but --freeze_vision_model "
+                "True keeps the tower fixed. Pass --freeze_vision_model False, or drop the vision_tower.* names."
+            )
+        if self.lora_r <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"Need --lora_r > 0 and 0 <= --lora_dropout < 1, got {self.lora_r} and "
+                             f"{self.lora_dropout}.")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LlavaTrainingArguments]:
@@ -153,7 +257,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, LlavaTrainingArguments))
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0], allow_extra_keys=False)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0], allow_extra_keys=False)
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(argv[0], allow_extra_keys=False)
+    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        parsed = parser.parse_yaml_file(argv[0], allow_extra_keys=False)
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    check_quantization(parsed[0], parsed[2])
+    return parsed
+
+
+def check_quantization(model_args: ModelArguments, training_args: LlavaTrainingArguments) -> None:
+    """4-/8-bit weights cannot be trained or saved as trained weights: quantization is only for QLoRA.
+
+    Why not allow a quantized, frozen LM without adapters (a low-memory stage 1)? Its checkpoints would hold
+    the LM in 4-bit, and stage 2 would then start from rounded weights; `--dtype bfloat16` is the safe saving.
+    """
+    if not model_args.quantized or training_args.lora_enable:
+        return
+    flag = model_args.quantization_flag
+    if training_args.freeze_language_model:
+        raise ValueError(f"{flag} True is for QLoRA and needs --lora_enable True. To save memory with a frozen LM "
+                         f"(stage 1), use --dtype bfloat16 instead of {flag}.")
+    raise ValueError(f"{flag} True keeps the language model's weights quantized, and those cannot be trained "
+                     f"directly: add --lora_enable True (QLoRA: adapters on the quantized LM), or drop {flag} "
+                     "for full fine-tuning.")

@@ -3,10 +3,15 @@
 Layout (transformers 5.x): `model.model.vision_tower` (CLIP/SigLIP vision model),
 `model.model.multi_modal_projector` (linear_1 -> act -> linear_2), `model.model.language_model` (the LM's
 decoder, no head) and `model.lm_head`. Checkpoints are plain `llava` checkpoints.
+
+QLoRA loads a LLaVA checkpoint with only the LM decoder's linear layers in 4-/8-bit (`load_llava(...,
+quantization=quantization_config(...))`); everything else stays in full precision.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 
@@ -14,11 +19,13 @@ import torch
 import torch.nn.functional as F
 import transformers
 from PIL import Image
+from safetensors import safe_open
 from transformers import (AddedToken, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
-                          AutoProcessor, AutoTokenizer, LlavaConfig, LlavaProcessor, PreTrainedModel,
-                          ProcessorMixin)
+                          AutoProcessor, AutoTokenizer, BitsAndBytesConfig, GenerationConfig, LlavaConfig,
+                          LlavaProcessor, PreTrainedModel, ProcessorMixin)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from llava.arguments import ModelArguments
 
@@ -80,7 +87,8 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
 # --------------------------------------------------------------------------------------------- components
 
 def components(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
-    """The four parts that freeze flags and the parameter table talk about."""
+    """The four parts that freeze flags and the parameter table talk about (of the base model, under peft)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {
         "vision_tower": model.model.vision_tower,
         "projector": model.model.multi_modal_projector,
@@ -99,6 +107,21 @@ def set_trainable(model: PreTrainedModel, *, vision_tower: bool, projector: bool
               "language_model": language_model, "lm_head": language_model}
     for name, module in components(model).items():
         module.requires_grad_(wanted[name])
+
+
+def module_name(model: torch.nn.Module, component: str) -> str:
+    """Full name of a component inside `model`, e.g. 'model.multi_modal_projector'."""
+    return {id(module): name for name, module in model.named_modules()}[id(components(model)[component])]
+
+
+def linear_layer_names(model: torch.nn.Module, component: str) -> list[str]:
+    """Full names (from the model's root) of the `nn.Linear` layers of one component, in model order.
+
+    bitsandbytes' `Linear4bit`/`Linear8bitLt` subclass `nn.Linear`, so quantized layers are included.
+    """
+    prefix = module_name(model, component)
+    return [f"{prefix}.{name}" for name, module in components(model)[component].named_modules()
+            if isinstance(module, torch.nn.Linear)]
 
 
 def parameter_table(model: PreTrainedModel) -> str:
@@ -254,10 +277,93 @@ def assemble_llava(args: ModelArguments, processor: LlavaProcessor) -> LlavaForC
 
 
 def load_model(args: ModelArguments, processor: ProcessorMixin) -> LlavaForConditionalGeneration:
-    """Load the LLaVA checkpoint being continued, or assemble a new one."""
+    """Load the LLaVA checkpoint being continued, or assemble a new one (always in full precision)."""
     if args.assembles_new_model:
         return assemble_llava(args, processor)
+    return load_llava(args.model_name_or_path, args)
+
+
+def load_llava(path: str, args: ModelArguments,
+               quantization: BitsAndBytesConfig | None = None) -> LlavaForConditionalGeneration:
+    """Load a LLaVA checkpoint with `args`' dtype and attention settings, optionally quantized (see `_quantized`)."""
     kwargs = {"dtype": _torch_dtype(args.dtype), "trust_remote_code": args.trust_remote_code}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
-    return LlavaForConditionalGeneration.from_pretrained(args.model_name_or_path, **kwargs)
+    if quantization is None:
+        return LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    return _quantized(path, quantization, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- quantization
+
+# Modules kept in full precision, as full names from the LLaVA root. transformers 5.x matches skip patterns from
+# the start of a module's name or as a suffix, so the bare "vision_tower"/"multi_modal_projector" would not match
+# "model.vision_tower.*" and the tower and projector would be quantized too (NOTES.md). Naming them explicitly
+# also drops transformers' default skips, hence lm_head here.
+_FULL_PRECISION_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def quantization_config(args: ModelArguments, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for `--load_in_4bit/--load_in_8bit` (None without them).
+
+    `compute_dtype` is what the 4-bit matmuls run in: bf16/fp16 under --bf16/--fp16, else fp32.
+    """
+    if not args.quantized:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+        bnb_4bit_quant_type=args.bnb_4bit_quant_type, bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=_FULL_PRECISION_MODULES,
+    )
+
+
+def quantized_module_names(model: torch.nn.Module) -> list[str]:
+    """Names of the bitsandbytes 4-/8-bit linear layers in `model`."""
+    import bitsandbytes as bnb  # imported late: only quantized runs need it
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+
+
+def _safetensors_files(path: str) -> list[str]:
+    """The local checkpoint's safetensors files (one or several shards); empty for hub ids and .bin checkpoints."""
+    single, index = os.path.join(path, SAFE_WEIGHTS_NAME), os.path.join(path, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    return []
+
+
+def _from_pretrained_with_pread(path: str, **kwargs) -> LlavaForConditionalGeneration:
+    """`LlavaForConditionalGeneration.from_pretrained(path, **kwargs)`, reading local safetensors with pread.
+
+    Why not transformers' default mmap: every page read through a mapping stays resident, and counted in the
+    process's memory, for as long as any tensor still uses the mapping. When loading quantizes (each
+    full-precision weight is read once, then replaced by its 4-bit copy) that would keep the whole
+    full-precision checkpoint resident for the entire run. Read with pread, a weight that is quantized lives
+    only until then.
+    """
+    files = _safetensors_files(path)
+    if not files:
+        return LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(f, framework="pt", device="cpu", backend="pread")) for f in files]
+        state_dict = {key: handle.get_slice(key) for handle in handles for key in handle.keys()}
+        model = LlavaForConditionalGeneration.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.name_or_path = model.config.name_or_path = path
+    return model
+
+
+def _quantized(path: str, quantization: BitsAndBytesConfig, **kwargs) -> LlavaForConditionalGeneration:
+    """Load a LLaVA checkpoint with its LM decoder's linear layers quantized, and check that only those were."""
+    model = _from_pretrained_with_pread(path, quantization_config=quantization, **kwargs)
+    expected = linear_layer_names(model, "language_model")
+    if quantized_module_names(model) != expected:
+        raise RuntimeError(f"Quantization reached other modules than the LM decoder's linear layers: got "
+                           f"{quantized_module_names(model)[:5]}..., expected {expected[:5]}...")
+    return model

@@ -8,18 +8,38 @@ from __future__ import annotations
 import logging
 import sys
 
-from transformers import set_seed
+import torch
+from transformers import ProcessorMixin, TrainerCallback, set_seed
 
-from llava.arguments import parse_args
+from llava.arguments import LlavaTrainingArguments, ModelArguments, parse_args
 from llava.collator import LlavaDataCollator
 from llava.dataset import build_dataset
+from llava.lora import load_lora_model, save_lora_output
 from llava.model import load_model, load_processor, set_trainable
 from llava.trainer import LlavaTrainer
 
 logger = logging.getLogger("llava")
 
 
-def main(argv: list[str] | None = None) -> LlavaTrainer:
+def build_model(model_args: ModelArguments, training_args: LlavaTrainingArguments,
+                processor: ProcessorMixin) -> torch.nn.Module:
+    """The model to train: full weights frozen per component, or (--lora_enable) a frozen base, its LM quantized
+    with --load_in_4bit/8bit, carrying adapters next to the fully trained unfrozen components."""
+    if training_args.lora_enable:
+        model = load_lora_model(model_args, training_args, processor)
+    else:
+        model = load_model(model_args, processor)
+        set_trainable(model, vision_tower=not training_args.freeze_vision_model,
+                      projector=not training_args.freeze_projector,
+                      language_model=not training_args.freeze_language_model)
+    if training_args.gradient_checkpointing:
+        # With frozen embeddings the checkpointed blocks would see inputs without grad and drop the gradient.
+        model.enable_input_require_grads()
+    return model
+
+
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> LlavaTrainer:
+    """Train as the flags in `argv` say; `callbacks` are added to the Trainer's (e.g. a benchmark's timer)."""
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         stream=sys.stdout)
@@ -30,21 +50,17 @@ def main(argv: list[str] | None = None) -> LlavaTrainer:
     train_dataset = build_dataset(data_args.data_paths, processor, data_args.model_max_length, data_args.image_folder)
     logger.info("%d training samples from %s", len(train_dataset), ", ".join(data_args.data_paths))
 
-    model = load_model(model_args, processor)
-    set_trainable(model, vision_tower=not training_args.freeze_vision_model,
-                  projector=not training_args.freeze_projector,
-                  language_model=not training_args.freeze_language_model)
-    if training_args.gradient_checkpointing:
-        # With frozen embeddings the checkpointed blocks would see inputs without grad and drop the gradient.
-        model.enable_input_require_grads()
-
     trainer = LlavaTrainer(
-        model=model, args=training_args, train_dataset=train_dataset,
+        model=build_model(model_args, training_args, processor), args=training_args, train_dataset=train_dataset,
         data_collator=LlavaDataCollator(pad_token_id=processor.tokenizer.pad_token_id), processing_class=processor,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()  # final weights + config + processor in --output_dir
     trainer.save_state()
+    if training_args.lora_enable:
+        save_lora_output(trainer, merge=training_args.merge_lora)  # merged LLaVA + adapter/, see llava.lora
+    else:
+        trainer.save_model()  # final weights + config + processor in --output_dir
     return trainer
 
 

@@ -1,0 +1,54 @@
+"""Merge a LoRA/QLoRA checkpoint into a plain full-precision LLaVA checkpoint.
+
+    python -m llava.merge_lora --checkpoint OUT/checkpoint-500 --output_dir merged/
+
+`--checkpoint` is an adapter checkpoint (checkpoint-N of a LoRA run, or a run's output_dir written with
+`--merge_lora False`) or a merged run's output_dir (its `adapter/` is used). The adapters are added to the
+base model named in adapter_config.json, reloaded unquantized in float32 even after QLoRA, so every weight that
+did not train is bitwise the base's. The result has no quantization config, includes the processor, and loads
+with `transformers.LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser
+
+from llava.arguments import DTYPE_CHOICES
+from llava.lora import load_merged_model
+
+logger = logging.getLogger("llava")
+
+
+@dataclass
+class MergeArguments:
+    checkpoint: str = field(metadata={"help": "Adapter checkpoint (checkpoint-N) or a merged LoRA run's output_dir."})
+    output_dir: str = field(metadata={"help": "Where the merged LLaVA checkpoint (weights + processor) is written."})
+    dtype: str = field(
+        default="float32", metadata={"help": "dtype of the saved weights (the merge itself runs in float32).",
+                                     "choices": [c for c in DTYPE_CHOICES if c != "auto"]},
+    )
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The full-precision LLaVA the adapters were trained on, when it moved away "
+                                        "from the path in adapter_config.json."},
+    )
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Merge and save; returns the output folder."""
+    (args,) = HfArgumentParser(MergeArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        stream=sys.stdout)
+    model, processor = load_merged_model(args.checkpoint, getattr(torch, args.dtype), args.base_model_name_or_path)
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    logger.info("Merged %s into %s", args.checkpoint, args.output_dir)
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Resuming from checkpoint-3 of a 6-step run ends where the uninterrupted run ends (full, LoRA, QLoRA).
+
+The data is 6 samples at batch 2, so the resumed half is a whole new epoch: the sampler's shuffling, the
+optimizer and scheduler states, and (for LoRA) the adapter dropout's RNG must all be restored to match.
+"""
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from llava.train import main
+
+TRAIN = ["--per_device_train_batch_size", "2", "--logging_steps", "1", "--save_steps", "3", "--max_steps", "6",
+         "--learning_rate", "1e-2", "--report_to", "none", "--seed", "0"]
+MODES = {
+    "full": [],
+    "lora": ["--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.3",
+             "--merge_lora", "False"],
+}
+MODES["qlora"] = [*MODES["lora"], "--load_in_4bit", "True"]
+
+
+class StepCounter(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def run(parts, out, flags, *extra):
+    """Train (vision tower, projector and LM all learning); return the trainer and the steps this run took."""
+    counter = StepCounter()
+    trainer = main(["--model_name_or_path", parts["llava"], "--data_path", parts["data"], "--image_folder",
+                    parts["images"], "--output_dir", str(out), "--freeze_vision_model", "False", *TRAIN, *flags,
+                    *extra], callbacks=[counter])
+    return trainer, counter.steps
+
+
+@pytest.fixture(scope="module")
+def stage1(parts, llava_checkpoint):
+    return {**parts, "llava": llava_checkpoint}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_resumed_run_equals_uninterrupted_run(stage1, tmp_path, mode):
+    whole, whole_steps = run(stage1, tmp_path / "whole", MODES[mode])
+    resumed, resumed_steps = run(stage1, tmp_path / "resumed", MODES[mode],
+                                 "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-3"))
+    assert whole_steps == [1, 2, 3, 4, 5, 6] and resumed_steps == [4, 5, 6]
+    # the resumed log starts with checkpoint-3's history, then its own steps 4-6
+    whole_losses = [e["loss"] for e in whole.state.log_history if "loss" in e]
+    resumed_losses = [e["loss"] for e in resumed.state.log_history if "loss" in e]
+    torch.testing.assert_close(resumed_losses, whole_losses, rtol=0, atol=1e-6)
+    expected = dict(whole.model.named_parameters())
+    trained = 0
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param, expected[name], rtol=0, atol=1e-6, msg=name)
+        trained += param.requires_grad
+    assert trained > 0
