@@ -132,6 +132,24 @@ class DataArguments:
         metadata={"help": "Longest sample in tokens (image tokens included). Longer samples lose text at the end; "
                           "a sample whose image tokens would be cut is refused with its id."},
     )
+    skip_invalid_samples: bool = field(
+        default=False,
+        metadata={"help": "Drop invalid samples (logged with their ids and a count per kind) instead of refusing "
+                          "to train. Images that fail later, at load time, are then skipped too."},
+    )
+    allow_absolute_image_paths: bool = field(
+        default=False,
+        metadata={"help": "Accept absolute image paths and paths leaving --image_folder (off: data is untrusted)."},
+    )
+    sample_data_path: str | None = field(
+        default=None,
+        metadata={"help": "LLaVA .json of held-out questions: the first --num_logged_samples are answered at every "
+                          "save and at the end, and logged to TensorBoard (image, question, answer, truth)."},
+    )
+    sample_image_folder: str | None = field(
+        default=None, metadata={"help": "Image folder of --sample_data_path (default: --image_folder)."}
+    )
+    num_logged_samples: int = field(default=4, metadata={"help": "How many --sample_data_path samples to log."})
 
     def __post_init__(self) -> None:
         if not self.data_path:

@@ -8,13 +8,18 @@ from PIL import Image
 from transformers import AutoProcessor, ProcessorMixin
 
 from llava.data import ConversationEncoder
+from llava.lora import is_adapter_checkpoint, load_merged_model
 from llava.model import LlavaForConditionalGeneration
 
 
 def load_for_inference(path: str, dtype: str = "float32"):
-    """(model in eval mode, processor) from a LLaVA checkpoint folder or hub id."""
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
-    processor = AutoProcessor.from_pretrained(path)
+    """(model in eval mode, processor) from a LLaVA checkpoint folder or hub id; a LoRA checkpoint-N is merged
+    into its base first."""
+    if is_adapter_checkpoint(path):
+        model, processor = load_merged_model(path, getattr(torch, dtype))
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+        processor = AutoProcessor.from_pretrained(path)
     return model.eval(), processor
 
 

@@ -12,7 +12,9 @@ import torch
 from transformers import ProcessorMixin, TrainerCallback, set_seed
 
 from llava.arguments import LlavaTrainingArguments, ModelArguments, parse_args
+from llava.callbacks import SampleAnswersCallback
 from llava.collator import LlavaDataCollator
+from llava.data import load_samples
 from llava.dataset import build_dataset
 from llava.lora import load_lora_model, save_lora_output
 from llava.model import load_model, load_processor, set_trainable
@@ -47,8 +49,15 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
 
     # Data is checked with the processor alone, before any weights load: a bad sample costs seconds, not a 7B load.
     processor = load_processor(model_args)
-    train_dataset = build_dataset(data_args.data_paths, processor, data_args.model_max_length, data_args.image_folder)
+    train_dataset = build_dataset(data_args.data_paths, processor, data_args.model_max_length, data_args.image_folder,
+                                  skip_invalid=data_args.skip_invalid_samples,
+                                  allow_absolute_image_paths=data_args.allow_absolute_image_paths)
     logger.info("%d training samples from %s", len(train_dataset), ", ".join(data_args.data_paths))
+    callbacks = list(callbacks or [])
+    if data_args.sample_data_path:
+        samples = load_samples([data_args.sample_data_path])[: data_args.num_logged_samples]
+        callbacks.append(SampleAnswersCallback(samples, data_args.sample_image_folder or data_args.image_folder,
+                                               processor))
 
     trainer = LlavaTrainer(
         model=build_model(model_args, training_args, processor), args=training_args, train_dataset=train_dataset,

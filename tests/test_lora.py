@@ -186,3 +186,13 @@ def test_lora_on_the_vision_tower_alone_is_accepted():
     args = training_args(*LORA, "--freeze_language_model", "True", "--freeze_vision_model", "False",
                          "--lora_target_modules", "vision_tower.all-linear")
     assert args.lora_targets == ["vision_tower.all-linear"]
+
+
+def test_generate_and_evaluate_accept_a_lora_checkpoint(qlora_run, parts, capsys):
+    from llava import evaluate, generate
+    checkpoint = os.path.join(qlora_run, "checkpoint-4")
+    answer = generate.main(["--model_name_or_path", checkpoint, "--image", f"{parts['images']}/img0.png",
+                            "--prompt", "What colour?", "--max_new_tokens", "2"])
+    result = evaluate.main(["--model_name_or_path", checkpoint, "--data_path", parts["data"], "--image_folder",
+                            parts["images"], "--max_samples", "2", "--max_new_tokens", "2"])
+    assert isinstance(answer, str) and result["num_samples"] == 2

@@ -45,7 +45,8 @@ def stage1(parts, tmp_path_factory):
     subprocess.run(
         [sys.executable, "train_llava.py", "--vision_model_name_or_path", parts["vision"],
          "--language_model_name_or_path", parts["lm"], "--data_path", parts["data"], "--image_folder", parts["images"],
-         "--freeze_vision_model", "True", "--freeze_language_model", "True", "--output_dir", out, *COMMON],
+         "--freeze_vision_model", "True", "--freeze_language_model", "True", "--output_dir", out, *COMMON,
+         "--sample_data_path", parts["data"], "--num_logged_samples", "2"],
         cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return out
 
@@ -76,11 +77,18 @@ def test_every_checkpoint_is_complete_and_generates(stage1):
 
 
 def test_tensorboard_holds_loss_for_every_logged_step(stage1):
-    (event_dir,) = glob.glob(os.path.join(stage1, "runs", "*"))
+    (event_dir,) = [d for d in glob.glob(os.path.join(stage1, "runs", "*")) if not d.endswith("samples")]
     events = EventAccumulator(event_dir)
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert "train/learning_rate" in events.Tags()["scalars"] and "train/grad_norm" in events.Tags()["scalars"]
+
+
+def test_tensorboard_shows_sample_answers_at_each_save(stage1):
+    events = EventAccumulator(os.path.join(stage1, "runs", "samples"), size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["samples/0_single", "samples/1_multi_turn"]
+    assert [e.step for e in events.Images("samples/0_single")][-2:] == [4, 4]  # last save, then train end
 
 
 def test_stage2_trains_lm_and_projector_keeps_tower(parts, stage1, tmp_path):
