@@ -10,10 +10,15 @@ any model is loaded, and say how to fix the flags.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments
+
+logger = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16", "auto"]
 SELECT_STRATEGY_CHOICES = ["default", "full"]
@@ -223,7 +228,12 @@ class LlavaTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._set_multi_process_defaults()
         super().__post_init__()
+        fsdp = self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # accelerate launch
+        if fsdp and self.use_cpu:
+            logger.warning("FSDP is ignored on CPU (accelerate shards only GPU runs): the processes run DDP, each "
+                           "holding the whole model. Use GPUs for FSDP.")
         if self.freeze_vision_model and self.freeze_projector and self.freeze_language_model:
             raise ValueError(
                 "Every component is frozen, so nothing would train. Unfreeze at least one of "
@@ -231,6 +241,23 @@ class LlavaTrainingArguments(TrainingArguments):
             )
         if self.lora_enable:
             self._check_lora()
+
+    def _set_multi_process_defaults(self) -> None:
+        """Defaults for runs under torchrun / accelerate launch, where transformers' own would fail or mislead.
+
+        - No GPU: accelerate then runs every process alone, each training on all the data and writing the same
+          output_dir, unless --use_cpu True, which makes them one DDP run over gloo. Set it.
+        - --ddp_find_unused_parameters unset: True only when the vision tower trains, because its layers after
+          --vision_feature_layer (and post_layernorm) never get a gradient; transformers' default (False under
+          gradient checkpointing) then fails at the second step. Every other trainable weight is used at every step
+          (text-only batches too, see `LlavaForConditionalGeneration._blank_image_term`), so DDP skips the search.
+        """
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1 and not self.use_cpu and not torch.accelerator.is_available():
+            logger.info("%d processes and no GPU: training on CPU with gloo (--use_cpu True).", world_size)
+            self.use_cpu = True
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = not self.freeze_vision_model
 
     @property
     def lora_targets(self) -> list[str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torch.distributed.tensor import DTensor
 from torch.utils.tensorboard import SummaryWriter
 from transformers import TrainerCallback
 
@@ -26,10 +28,21 @@ def sample_card(image: Image.Image | None, lines: list[str]) -> Image.Image:
     return card
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the weights are split across processes (FSDP2's DTensors, DeepSpeed ZeRO-3's partitioned parameters),
+    so that every process must take part in each forward pass."""
+    param = next(model.parameters())
+    return isinstance(param, DTensor) or hasattr(param, "ds_id")
+
+
 class SampleAnswersCallback(TrainerCallback):
     """At every checkpoint save and at the end, answer a few held-out samples greedily and log them to
     TensorBoard under <output_dir>/runs/samples: one picture per sample (image + question, model answer,
-    ground truth) in the Images tab and a table in the Text tab. Runs on the main process only."""
+    ground truth) in the Images tab and a table in the Text tab.
+
+    Only the main process writes. It also answers alone, except when the weights are sharded (FSDP, ZeRO-3):
+    then every process must run the same forward passes, so all of them answer.
+    """
 
     def __init__(self, samples: list[Sample], image_folder: str | None, processor, max_new_tokens: int = 16):
         self.samples = samples
@@ -39,10 +52,8 @@ class SampleAnswersCallback(TrainerCallback):
         self.writer = None
 
     def _log(self, args, state, model) -> None:
-        if not state.is_world_process_zero or not self.samples:
+        if not self.samples or not (state.is_world_process_zero or is_sharded(model)):
             return
-        if self.writer is None:
-            self.writer = SummaryWriter(os.path.join(args.output_dir, "runs", "samples"))
         images = [[load_image(os.path.join(self.image_folder, p)) for p in s.images] for s in self.samples]
         was_training = model.training
         model.eval()
@@ -51,6 +62,10 @@ class SampleAnswersCallback(TrainerCallback):
                 [s.messages[:-1] for s in self.samples], images)
         finally:
             model.train(was_training)
+        if not state.is_world_process_zero:
+            return
+        if self.writer is None:
+            self.writer = SummaryWriter(os.path.join(args.output_dir, "runs", "samples"))
         rows = ["| id | question | model | truth |", "|---|---|---|---|"]
         for index, (sample, sample_images, answer) in enumerate(zip(self.samples, images, answers)):
             question = sample.messages[-2]["content"].replace(self.processor.image_token, "").strip()

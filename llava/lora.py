@@ -7,7 +7,9 @@ An adapter checkpoint (every checkpoint-N of a LoRA run, and `<output_dir>/adapt
     adapter_model.safetensors  the LoRA matrices plus every fully trained module (the projector; the vision tower
                                when it trains without adapters), all in full precision
     processor files            tokenizer, image processor, chat template (loadable with `AutoProcessor`)
-    optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json, training_args.bin   (checkpoint-N only: resume)
+    training_args.json         the run's flags
+    optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json, checkpoint_complete.json
+                               (checkpoint-N only: resume state, and the marker `llava.checkpoints` writes last)
 
 A QLoRA run quantizes only its in-memory copy of the base: merging (`load_merged_model`, `python -m
 llava.merge_lora`) reloads the base in full precision and adds the adapters there, so every tensor that did not

@@ -65,12 +65,27 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
     the same loss with far less compute and memory (the (B, T, V) logits tensor is never built).
     """
 
+    def post_init(self) -> None:
+        """Keep only the no-split (FSDP wrap) layer classes that exist in this model.
+
+        Why: CLIP's shared class attribute also names `CLIPTextEmbeddings`, which a vision-only tower lacks, and
+        FSDP's transformer auto-wrap (`--fsdp "full_shard auto_wrap"`, accelerate's FSDP config) raises "Could not
+        find the transformer layer class CLIPTextEmbeddings in the model" for any listed class that is absent.
+        """
+        super().post_init()
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
+
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, **kwargs):
         if labels is None:
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                    **kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         kwargs.setdefault("use_cache", False)
+        if pixel_values is None and _multi_process():
+            embeddings = self.get_input_embeddings()(input_ids)  # (B, T, H)
+            kwargs["inputs_embeds"] = embeddings + self._blank_image_term(embeddings.device)  # adds 0, see there
+            input_ids = None
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
         hidden = outputs.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
         targets = labels[:, 1:].to(hidden.device)  # (B, T-1)
@@ -82,6 +97,29 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         denominator = num_items_in_batch if num_items_in_batch is not None else trained.sum().clamp(min=1)
         loss = loss / denominator
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _blank_image_term(self, device: torch.device) -> torch.Tensor:
+        """0 x the projected features of one blank image, added to a text-only batch's input embeddings when
+        several processes train together.
+
+        Why: under FSDP and DeepSpeed ZeRO-3 each module's weights are gathered (forward) and its gradients
+        reduced (backward) collectively, so every process must run the same modules in the same order. A text-only
+        batch on one process while another encodes images fails ("Received data size doesn't match expected
+        size") or hangs; under DDP the tower and projector would get no gradient on that process. Encoding a
+        blank image after the embeddings and feeding it into the LM's input, as real image features are, gives
+        every process the same graph in both directions without changing the loss or any gradient.
+        """
+        vision = self.config.vision_config
+        blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size, device=device)
+        features = self.model.get_image_features(
+            pixel_values=blank, vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy).pooler_output
+        return 0.0 * features[0].sum()
+
+
+def _multi_process() -> bool:
+    """Whether this process trains together with others (torchrun, accelerate launch), whose graphs must match."""
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 # --------------------------------------------------------------------------------------------- components

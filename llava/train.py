@@ -18,6 +18,7 @@ from llava.data import load_samples
 from llava.dataset import build_dataset
 from llava.lora import load_lora_model, save_lora_output
 from llava.model import load_model, load_processor, set_trainable
+from llava.preemption import PREEMPTED_EXIT_CODE
 from llava.trainer import LlavaTrainer
 
 logger = logging.getLogger("llava")
@@ -42,9 +43,9 @@ def build_model(model_args: ModelArguments, training_args: LlavaTrainingArgument
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> LlavaTrainer:
     """Train as the flags in `argv` say; `callbacks` are added to the Trainer's (e.g. a benchmark's timer)."""
-    model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         stream=sys.stdout)
+    model_args, data_args, training_args = parse_args(argv)
     set_seed(training_args.seed)
 
     # Data is checked with the processor alone, before any weights load: a bad sample costs seconds, not a 7B load.
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.preempted:  # checkpoint saved; the final output is written by the run that finishes
+        logger.warning("Stopped by SIGTERM at step %d after saving a checkpoint; rerun the same command with "
+                       "--resume_from_checkpoint True to continue. Exit status %d.", trainer.state.global_step,
+                       PREEMPTED_EXIT_CODE)
+        raise SystemExit(PREEMPTED_EXIT_CODE)
     trainer.save_state()
     if training_args.lora_enable:
         save_lora_output(trainer, merge=training_args.merge_lora)  # merged LLaVA + adapter/, see llava.lora

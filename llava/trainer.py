@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+from collections.abc import Iterator
 
 import torch
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.arguments import LlavaTrainingArguments
+from llava.checkpoints import mark_complete, remove_checkpoint, resolve_resume_checkpoint, rotate_checkpoints
 from llava.model import components, parameter_table
+from llava.preemption import PreemptionCallback
+
+TRAINING_ARGS_JSON = "training_args.json"
 
 logger = logging.getLogger(__name__)
 
@@ -21,17 +31,96 @@ class LlavaTrainer(Trainer):
     - Logs the per-component parameter table when training starts, so what trains is never a surprise.
     - Optimizer parameter groups per component (`--projector_lr`, `--vision_lr`), see `parameter_groups`.
     - Resuming a full-weight checkpoint restores every weight (see `_load_from_checkpoint`).
+    - Crash-safe checkpoints: a checkpoint-N counts only once complete, and `resume_from_checkpoint=True` picks the
+      latest complete one or starts fresh (see `_save_checkpoint`, `train` and `llava.checkpoints`).
+    - SIGTERM saves a checkpoint at the next step boundary and stops training; `preempted` then says so.
+    - Writes training arguments as JSON (`training_args.json`) instead of transformers' pickled training_args.bin.
     """
 
     def __init__(self, *args, processing_class=None, **kwargs):
         if processing_class is None:
             raise ValueError("LlavaTrainer needs processing_class=<the LlavaProcessor>, so checkpoints are complete.")
         super().__init__(*args, processing_class=processing_class, **kwargs)
+        self._deferred_save_total_limit: int | None = None  # set while `_rotation_deferred` holds the user's value
+        self.preemption = PreemptionCallback(self._any_process)
+        self.add_callback(self.preemption)
 
-    def train(self, *args, **kwargs):
+    @property
+    def preempted(self) -> bool:
+        """True when training stopped early because of SIGTERM (after saving a checkpoint)."""
+        return self.preemption.preempted
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, where `resume_from_checkpoint` True (or "True", as the flag arrives) means the latest
+        complete checkpoint in output_dir, and no checkpoint yet means a fresh start instead of an error."""
         if self.is_world_process_zero():
             logger.info("Parameters per component:\n%s", parameter_table(self.model))
-        return super().train(*args, **kwargs)
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial) -> tuple[int, int]:
+        """Trainer's (epochs trained, steps trained in the current epoch) after restoring a checkpoint; all epochs
+        when the checkpoint already reached `max_steps`.
+
+        Why: rerunning a finished command (e.g. after a crash in the final save) resumes from its last checkpoint,
+        and Trainer would run one more step before checking max_steps whenever max_steps does not end an epoch.
+        """
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
+        if self.state.global_step >= max_steps:
+            return num_train_epochs, 0
+        return epochs_trained, steps_trained
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial) -> None:
+        """Trainer's checkpoint save, made crash-safe: the folder is marked complete only after every process has
+        written its part, and old checkpoints are rotated (`--save_total_limit`) only after that.
+
+        A folder left by a save that was killed at this step is deleted first, so stale files never mix in.
+        """
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            remove_checkpoint(folder)
+        self.accelerator.wait_for_everyone()  # no process writes into the folder while it is being deleted
+        limit = self.args.save_total_limit
+        with self._rotation_deferred():
+            super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process has written its files
+        if self.args.should_save:
+            mark_complete(folder, self.state.global_step)
+            rotate_checkpoints(os.path.dirname(folder), limit, newest=folder,
+                               protected=self.state.best_model_checkpoint)
+
+    @contextlib.contextmanager
+    def _rotation_deferred(self) -> Iterator[None]:
+        """Switch off the rotation inside `Trainer._save_checkpoint`: it would delete old checkpoints while the new
+        one is still incomplete (and count incomplete leftovers as checkpoints). `_save_checkpoint` rotates after."""
+        self._deferred_save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            yield
+        finally:
+            self.args.save_total_limit, self._deferred_save_total_limit = self._deferred_save_total_limit, None
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Trainer's save of weights, config and processor, with the training arguments as JSON: transformers
+        pickles them to training_args.bin, and nothing we write should need unpickling to read."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            values = self.args.to_dict()
+            if self._deferred_save_total_limit is not None:
+                values["save_total_limit"] = self._deferred_save_total_limit
+            with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+                json.dump(values, f, indent=2, sort_keys=True)
+            os.remove(os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _any_process(self, flag: bool) -> bool:
+        """True if `flag` is True on any process of the run (every process must call this at the same point)."""
+        if self.args.world_size <= 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.args.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """Load checkpoint-N's full weights through `from_pretrained`, strictly.

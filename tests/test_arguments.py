@@ -46,3 +46,17 @@ def test_single_config_file(tmp_path):
     for path in (json_path, yaml_path):
         model_args, data_args, training_args = parse_args([str(path)])
         assert model_args.model_name_or_path == "M" and training_args.freeze_language_model
+
+
+@pytest.mark.parametrize("flags, find_unused", [
+    ([], False),  # every trainable weight is used at every step
+    (["--freeze_vision_model", "False"], True),  # the tower's layers after --vision_feature_layer are not
+    (["--ddp_find_unused_parameters", "True"], True),
+])
+def test_ddp_searches_unused_parameters_only_when_the_tower_trains(flags, find_unused):
+    assert parse_args(PARTS + DATA + flags)[2].ddp_find_unused_parameters is find_unused
+
+
+def test_fsdp_on_cpu_warns_that_it_runs_ddp(caplog):
+    parse_args(PARTS + DATA + ["--use_cpu", "True", "--fsdp", "full_shard auto_wrap"])
+    assert "FSDP is ignored on CPU" in caplog.text

@@ -90,3 +90,9 @@ def test_parameter_table_counts_each_component(parts):
 
 def test_checkpoint_class_name_is_upstream():
     assert LlavaForConditionalGeneration.__name__ == transformers.LlavaForConditionalGeneration.__name__
+
+
+def test_no_split_classes_are_those_present_for_fsdp_auto_wrap(llava_checkpoint):
+    # CLIP's class attribute also names CLIPTextEmbeddings; FSDP's auto wrap raises for a class it cannot find.
+    model = LlavaForConditionalGeneration.from_pretrained(llava_checkpoint)
+    assert model._no_split_modules == {"CLIPEncoderLayer", "CLIPVisionEmbeddings", "LlamaDecoderLayer"}

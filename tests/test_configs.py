@@ -1,0 +1,55 @@
+"""Every shipped file under configs/ parses, and says what README promises (launch recipes are tested in
+test_distributed.py; DeepSpeed itself needs a GPU machine and is not a dependency)."""
+
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+
+from llava.arguments import parse_args
+from tests.test_train_cli import REPO
+
+CONFIGS = os.path.join(REPO, "configs")
+DEEPSPEED = {2: os.path.join(CONFIGS, "deepspeed_zero2.json"), 3: os.path.join(CONFIGS, "deepspeed_zero3.json")}
+FILES = sorted(glob.glob(os.path.join(CONFIGS, "*.json")) + glob.glob(os.path.join(CONFIGS, "*.yaml")))
+
+
+@pytest.mark.parametrize("path", FILES, ids=os.path.basename)
+def test_config_file_parses(path):
+    with open(path) as f:
+        assert json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+
+
+@pytest.mark.parametrize("stage", DEEPSPEED)
+def test_deepspeed_config_leaves_precision_batch_and_optimizer_to_the_trainer(stage):
+    with open(DEEPSPEED[stage]) as f:
+        config = json.load(f)
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["bf16"]["enabled"] == config["fp16"]["enabled"] == "auto"
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert config[key] == "auto", key
+    # No optimizer/scheduler sections: Trainer's own run, with the per-component learning rates.
+    assert "optimizer" not in config and "scheduler" not in config
+    if stage == 3:  # the final output must hold real weights, loadable with plain transformers
+        assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("stage", DEEPSPEED)
+def test_training_arguments_accept_the_deepspeed_config(stage):
+    args = parse_args(["--model_name_or_path", "M", "--data_path", "d.json", "--output_dir", "o",
+                       "--deepspeed", DEEPSPEED[stage]])[2]
+    assert args.hf_deepspeed_config.is_zero3() == (stage == 3)
+
+
+def test_fsdp_accelerate_config():
+    config = load_config_from_file(os.path.join(CONFIGS, "fsdp.yaml"))
+    assert config.distributed_type == "FSDP" and config.mixed_precision == "no"
+    assert config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
