@@ -4,6 +4,7 @@
 Writes to --output_dir:
   stage1_captions.json  one sample per train image: "<image>\\nDescribe the image." -> "A red circle."
   stage2_instruct.json  one multi-turn conversation per train image holding all of its questions
+  stage2_single_turn.json  every train question as its own sample, shuffled (what the demo's stage 2 uses)
   test.json             single-turn test samples with extra fields `answer` and `answer_type`
   image_labels.json     colour and shape of every train/test image (used by llava.demo.pretrain_vision)
   meta.json             the --image_folder to pass (the installed easy_vqa data folder) and counts
@@ -53,6 +54,7 @@ PALETTE = {
 TRIANGLE_MAX_FILL = 0.70
 CIRCLE_MAX_FILL = 0.93
 CAPTION_PROMPT = "Describe the image."
+TRAIN_SHUFFLE_SEED = 0
 TEST_SAMPLE_SEED = 0
 
 Labels = dict[str, str | None]
@@ -197,6 +199,16 @@ def stage2_samples(triples: list[tuple[str, str, int]]) -> list[dict]:
     return [sample(f"train_qa_{i}", relative_image("train", i), per_image[i]) for i in sorted(per_image)]
 
 
+def stage2_single_turn_samples(triples: list[tuple[str, str, int]]) -> list[dict]:
+    """One question per sample, in a fixed shuffled order. Dearer per answer than `stage2_samples` (the image
+    and prompt are paid for each question), but no answer can be read off an earlier turn ("what colour is
+    it?" -> "blue", then "is there a blue shape?"): the model has to look at the image, as it must at test time."""
+    records = [sample(f"train_qa_{k}", relative_image("train", image_id), [(question, answer)])
+               for k, (question, answer, image_id) in enumerate(triples)]
+    random.Random(TRAIN_SHUFFLE_SEED).shuffle(records)
+    return records
+
+
 def test_samples(triples: list[tuple[str, str, int]], num_test: int | None) -> list[dict]:
     """Single-question samples; `num_test` draws a fixed-seed random subset (easy-VQA lists questions
     image by image, so the first N would cover only ~N/10 images)."""
@@ -235,6 +247,7 @@ def main() -> None:
 
     write_json(args.output_dir / "stage1_captions.json", stage1_samples(train_labels))
     write_json(args.output_dir / "stage2_instruct.json", stage2_samples(train))
+    write_json(args.output_dir / "stage2_single_turn.json", stage2_single_turn_samples(train))
     write_json(args.output_dir / "test.json", tests)
     write_json(
         args.output_dir / "image_labels.json",

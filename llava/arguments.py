@@ -187,6 +187,13 @@ class LlavaTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs every field the dataset returns."}
     )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "'group_by_length' (default): batches of similar length, so little compute goes to padding "
+                          "(lengths come from the tokenized samples, no image is read); 'random', 'sequential', "
+                          "'batch_rebalance' as in transformers.",
+                  "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]},
+    )
     projector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the projector (default: --learning_rate). LLaVA-1.5 LoRA "
                                         "recipe: 2e-5 next to a 2e-4 adapter learning rate."},

@@ -34,6 +34,11 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of every sample (image tokens included), for length-grouped batching."""
+        return [len(encoded["input_ids"]) for encoded in self.encoded]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         for offset in range(len(self.samples)):
             try:

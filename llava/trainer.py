@@ -11,10 +11,12 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.arguments import LlavaTrainingArguments
 from llava.checkpoints import mark_complete, remove_checkpoint, resolve_resume_checkpoint, rotate_checkpoints
+from llava.dataset import LlavaDataset
 from llava.model import components, parameter_table
 from llava.preemption import PreemptionCallback
 
@@ -135,6 +137,15 @@ class LlavaTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         saved = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
         target.load_state_dict(saved.state_dict())  # strict: a missing or renamed weight fails instead of warning
+
+    def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
+        """Trainer's sampler, except that length grouping reads the lengths the dataset already knows: upstream
+        would fetch every item to measure it, decoding every image once before the first step."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, LlavaDataset):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
 
     def get_optimizer_cls_and_kwargs(self, args: LlavaTrainingArguments, model: torch.nn.Module | None = None):
         """Trainer's optimizer choice (--optim), with our parameter groups: `create_optimizer` takes

@@ -28,7 +28,7 @@ def easy_vqa(tmp_path_factory):
 
 def test_prepare_is_deterministic_and_writes_llava_json(easy_vqa, tmp_path):
     subprocess.run(PREPARE + ["--output_dir", str(tmp_path)], check=True)
-    for name in ("stage1_captions.json", "stage2_instruct.json", "test.json"):
+    for name in ("stage1_captions.json", "stage2_instruct.json", "stage2_single_turn.json", "test.json"):
         assert filecmp.cmp(easy_vqa["dir"] / name, tmp_path / name, shallow=False), name
     captions = load_samples([str(easy_vqa["dir"] / "stage1_captions.json")])
     with open(easy_vqa["dir"] / "image_labels.json") as f:
