@@ -23,16 +23,17 @@ flags=(
   "${demo_parts[@]}"
   "${demo_data[@]}"
   --data_path data/easy_vqa/stage1_captions.json   # one short caption per train image: "A red circle."
-  # The demo's mini CLIP tower was pretrained on 4,000 tiny images only, so it keeps adapting here.
-  # With a real pretrained encoder (CLIP/SigLIP) set True, as LLaVA-1.5 does.
-  --freeze_vision_model False
+  # The demo's tower is pretrained (llava.demo.pretrain_vision), so it stays fixed, as LLaVA-1.5 keeps CLIP.
+  # Set False when the tower is random or weak for your images: it then learns with the projector
+  # (at --vision_lr, gentler than the projector's rate).
+  --freeze_vision_model True
   --freeze_language_model True                     # stage 1: the LM stays as it is
   --freeze_projector False
   --learning_rate 1e-3                             # LLaVA-1.5 stage 1
-  --vision_lr 1e-4                                 # a pretrained tower needs a gentler step than a new projector
+  --vision_lr 1e-4                                 # used only with --freeze_vision_model False
   --warmup_steps 0.03 --lr_scheduler_type cosine --weight_decay 0
   --per_device_train_batch_size 16
-  --max_steps "${DEMO_STAGE1_STEPS:-120}"          # the demo's budget: 120 x 16 = 1,920 captions
+  --max_steps "${DEMO_STAGE1_STEPS:-60}"           # the demo's budget: 60 x 16 = 960 captions (~4 min on 2 cores)
   --model_max_length 2048                         # demo samples are far shorter; real towers need room (CLIP-336: 576 image tokens)
   --logging_steps 10 --save_steps 1000 --save_total_limit 1
   --dataloader_num_workers 1

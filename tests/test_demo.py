@@ -127,7 +127,7 @@ def test_reduced_demo_end_to_end_on_real_assets(easy_vqa, tmp_path):
     run("bash", "run_stage1.sh", "--vision_model_name_or_path", tower, "--data_path", str(data / "stage1_captions.json"),
         "--output_dir", str(tmp_path / "stage1"), *common)
     run("bash", "run_stage2.sh", "--model_name_or_path", str(tmp_path / "stage1"),
-        "--data_path", str(data / "stage2_instruct.json"), "--output_dir", str(tmp_path / "stage2"), *common)
+        "--data_path", str(data / "stage2_single_turn.json"), "--output_dir", str(tmp_path / "stage2"), *common)
     stage2 = str(tmp_path / "stage2")
     assert_loads_and_generates(stage2)
     processor = AutoProcessor.from_pretrained(stage2)

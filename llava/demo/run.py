@@ -31,8 +31,8 @@ NUM_TEST = 1000  # a fixed-seed random sample of easy-VQA's 9,673 test questions
 OUTPUT_DIR = "output/demo"
 # (demo, demo-full): training budget per stage, in optimizer steps, and vision pretraining epochs
 RECIPES = {
-    "demo": {"vision_epochs": "20", "stage1_steps": "120", "stage2_steps": "150"},
-    "full": {"vision_epochs": "40", "stage1_steps": "250", "stage2_steps": "1000"},
+    "demo": {"vision_epochs": "20", "stage1_steps": "60", "stage2_steps": "150"},
+    "full": {"vision_epochs": "40", "stage1_steps": "250", "stage2_steps": "1200"},
 }
 
 
