@@ -32,7 +32,7 @@ OUTPUT_DIR = "output/demo"
 # (demo, demo-full): training budget per stage, in optimizer steps, and vision pretraining epochs
 RECIPES = {
     "demo": {"vision_epochs": "20", "stage1_steps": "60", "stage2_steps": "150"},
-    "full": {"vision_epochs": "40", "stage1_steps": "250", "stage2_steps": "1200"},
+    "full": {"vision_epochs": "30", "stage1_steps": "120", "stage2_steps": "600"},
 }
 
 
