@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.tensorboard import SummaryWriter
 from transformers import TrainerCallback
 
-from llava.data import Sample, load_image
+from llava.data import Sample, load_image, resolve_image_path
 from llava.inference import Answerer
 
 CARD_WIDTH, IMAGE_SIDE, LINE_HEIGHT = 320, 160, 14
@@ -54,7 +54,7 @@ class SampleAnswersCallback(TrainerCallback):
     def _log(self, args, state, model) -> None:
         if not self.samples or not (state.is_world_process_zero or is_sharded(model)):
             return
-        images = [[load_image(os.path.join(self.image_folder, p)) for p in s.images] for s in self.samples]
+        images = [[load_image(resolve_image_path(self.image_folder, p, s)) for p in s.images] for s in self.samples]
         was_training = model.training
         model.eval()
         try:

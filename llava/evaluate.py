@@ -17,7 +17,7 @@ from collections import defaultdict
 
 from tqdm.auto import tqdm
 
-from llava.data import Sample, load_image, load_samples
+from llava.data import Sample, load_image, load_samples, resolve_image_path
 from llava.inference import Answerer, load_for_inference
 
 
@@ -33,7 +33,7 @@ def evaluate(answerer: Answerer, samples: list[Sample], image_folder: str | None
     try:
         for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", unit="batch"):
             batch = samples[start: start + batch_size]
-            images = [[load_image(f"{image_folder}/{path}") for path in s.images] for s in batch]
+            images = [[load_image(resolve_image_path(image_folder, path, s)) for path in s.images] for s in batch]
             answers = answerer.answer([s.messages[:-1] for s in batch], images)
             for sample, answer in zip(batch, answers):
                 reference = sample.messages[-1]["content"]
