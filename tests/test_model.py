@@ -96,3 +96,34 @@ def test_no_split_classes_are_those_present_for_fsdp_auto_wrap(llava_checkpoint)
     # CLIP's class attribute also names CLIPTextEmbeddings; FSDP's auto wrap raises for a class it cannot find.
     model = LlavaForConditionalGeneration.from_pretrained(llava_checkpoint)
     assert model._no_split_modules == {"CLIPEncoderLayer", "CLIPVisionEmbeddings", "LlamaDecoderLayer"}
+
+
+def test_shared_prefix_stops_at_images_differences_padding_and_trained_targets(parts):
+    model, processor = assemble(parts)
+    image = model.config.image_token_id
+    ids = torch.tensor([[5] * 10 + [image, 7, 8], [5] * 10 + [image, 7, 9]])
+    untrained = torch.full_like(ids, -100)
+    mask = torch.ones_like(ids)
+
+    def shared(ids=ids, mask=mask, labels=untrained):
+        return model._shared_prefix_length(ids, mask, labels, {})
+
+    assert shared() == 10  # up to the first image token
+    differ = ids.clone()
+    differ[1, 9] = 6
+    assert shared(differ) == 9
+    padded = mask.clone()
+    padded[0, 9:] = 0
+    assert shared(mask=padded) == 9
+    trained = untrained.clone()
+    trained[1, 9] = 5  # position 8's hidden state predicts it, so it must come out of the LM for every row
+    assert shared(labels=trained) == 8
+    trained[1, 4] = 5
+    assert shared(labels=trained) == 0  # shorter than the minimum worth a separate pass
+    assert model._shared_prefix_length(ids[:1], mask[:1], untrained[:1], {}) == 0  # one row: nothing to share
+    model.gradient_checkpointing_enable()
+    assert shared() == 0  # checkpointed layers drop the cache that would carry the prefix
+    model.gradient_checkpointing_disable()
+    model.train()
+    model.config.text_config.attention_dropout = 0.1
+    assert shared() == 0  # rows would share one dropout mask

@@ -1,0 +1,60 @@
+"""Ours: `train_llava.py` itself (llava.train.main) with the stage's freeze flags; any further flags after the
+common ones go to train_llava.py unchanged (e.g. `--train_sampling_strategy random` to see what grouping buys).
+
+    python bench/speed/side_ours.py --stage stage1 --model DIR --data JSON --image_folder DIR [train flags...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import torch
+
+import harness
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+FREEZE_FLAGS = {
+    "stage1": ["--freeze_vision_model", "True", "--freeze_language_model", "True"],
+    "stage2": ["--freeze_vision_model", "True", "--freeze_language_model", "False"],
+}
+
+
+def main() -> None:
+    args, train_flags = harness.parse(__doc__)
+    import llava.train
+
+    recorder = harness.Recorder(args, "ours")
+    llava.train.LlavaTrainer = harness.instrument(llava.train.LlavaTrainer, recorder)
+    argv = ["--model_name_or_path", args.model, "--data_path", args.data, "--image_folder", args.image_folder,
+            "--output_dir", tempfile.mkdtemp(prefix="speed-ours-"), *FREEZE_FLAGS[args.stage],
+            "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.lr),
+            "--max_steps", str(args.steps), "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
+            "--use_cpu", "True", "--dataloader_num_workers", str(args.workers), "--disable_tqdm", "True",
+            "--seed", str(args.seed), "--data_seed", str(args.seed), "--model_max_length", "4096"]
+    if args.grad_ckpt != "auto":
+        argv += ["--gradient_checkpointing", str(args.grad_ckpt == "on")]
+    trainer = llava.train.main(argv + train_flags)
+    lengths = trainer.train_dataset.lengths
+    harness.emit(recorder.result({
+        "grad_ckpt": bool(trainer.args.gradient_checkpointing), "train_flags": " ".join(train_flags),
+        "epoch_pad_fraction": epoch_pad_fraction(lengths, list(trainer._get_train_sampler()), args.batch_size),
+        "epoch_pad_fraction_random": epoch_pad_fraction(lengths, torch.randperm(len(lengths)).tolist(),
+                                                        args.batch_size),
+    }), args.out_json)
+
+
+def epoch_pad_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
+    """Padded share of all token slots over one epoch of batches taken in `order`."""
+    padded = slots = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start:start + batch_size]]
+        slots += max(batch) * len(batch)
+        padded += max(batch) * len(batch) - sum(batch)
+    return round(padded / slots, 4)
+
+
+if __name__ == "__main__":
+    main()

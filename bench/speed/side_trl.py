@@ -1,0 +1,45 @@
+"""Baseline: TRL's `SFTTrainer` on vision-language data, as TRL documents it (needs the `bench` extra: trl).
+
+The dataset has an `images` column (PIL images, decoded lazily from the paths by `datasets`) and a
+conversational `messages` column; SFTTrainer sees the processor and the images and collates with
+`DataCollatorForVisionLanguageModeling` (processor.apply_chat_template per batch, right padding). TRL's defaults
+are kept: activation checkpointing on (--grad_ckpt off to change), a loss on every non-pad token of "messages"
+data, its fused LM-head loss. Overridden as for every side: fp32, learning rate, batch, steps, workers.
+
+    python bench/speed/side_trl.py --stage stage1 --model DIR --data JSON --image_folder DIR [...]
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+import harness
+
+
+def main() -> None:
+    args, _ = harness.parse(__doc__)
+    import datasets
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from trl import SFTConfig, SFTTrainer
+
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(args.model)
+    harness.freeze_for_stage(model, args.stage)
+    records = harness.single_turn_records(args.data, args.image_folder)
+    dataset = datasets.Dataset.from_dict({
+        "images": [[r["image"]] for r in records],
+        "messages": [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+                     for r in records],
+    }).cast_column("images", datasets.List(datasets.Image()))
+    recorder = harness.Recorder(args, "trl")
+    config = SFTConfig(max_length=None, **harness.trainer_kwargs(args, tempfile.mkdtemp(prefix="speed-trl-")))
+    trainer = harness.instrument(SFTTrainer, recorder)(model=model, args=config, train_dataset=dataset,
+                                                       processing_class=processor)
+    trainer.train()
+    harness.emit(recorder.result({"grad_ckpt": bool(trainer.args.gradient_checkpointing)}), args.out_json)
+
+
+if __name__ == "__main__":
+    main()
