@@ -86,18 +86,26 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
                                    **kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         kwargs.setdefault("use_cache", False)
+        # The last position's output would predict a token after the sequence: it is never used, so the last
+        # token is only a target, not an input.
+        targets = labels[:, 1:]
+        input_ids = input_ids[:, :-1] if input_ids is not None else None
+        attention_mask = attention_mask[:, :-1] if attention_mask is not None else None
+        for name in ("inputs_embeds", "position_ids"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = kwargs[name][:, :-1]
         if pixel_values is None and _multi_process():
             embeddings = self.get_input_embeddings()(input_ids)  # (B, T, H)
             kwargs["inputs_embeds"] = embeddings + self._blank_image_term(embeddings.device)  # adds 0, see there
             input_ids = None
-        prefix = self._shared_prefix_length(input_ids, attention_mask, labels, kwargs)
+        prefix = self._shared_prefix_length(input_ids, attention_mask, targets, kwargs)
         if prefix:
             kwargs["cache"] = self._prefix_cache(input_ids, prefix)
             kwargs["use_cache"] = True
-            input_ids, labels = input_ids[:, prefix:], labels[:, prefix:]
+            input_ids, targets = input_ids[:, prefix:], targets[:, prefix:]
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs)
-        hidden = outputs.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts token t+1
-        targets = labels[:, 1:].to(hidden.device)  # (B, T-1)
+        hidden = outputs.last_hidden_state  # (B, T-1, H): position t predicts token t+1
+        targets = targets.to(hidden.device)  # (B, T-1)
         trained = targets != IGNORE_INDEX
         logits = self.lm_head(hidden[trained])  # (N, V), N = trained tokens in the batch
         loss = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
@@ -107,22 +115,20 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         loss = loss / denominator
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def _shared_prefix_length(self, input_ids, attention_mask, labels, kwargs) -> int:
+    def _shared_prefix_length(self, input_ids, attention_mask, targets, kwargs) -> int:
         """How many leading tokens every row of the batch shares and the loss does not need; 0 to not share.
 
         Typically the system prompt and the user-turn header, identical in every sample (~20% of a short LLaVA
         sample). Shared tokens end before the first image token (image features differ per sample), at the first
-        difference between rows or padding, and before any trained target (the hidden state of position t is
-        only needed when token t+1 is trained).
+        difference between rows or padding, and before any trained target (`targets[:, t]` is the token that
+        position t predicts; its hidden state must come out of the LM for every row when that token is trained).
         """
         if input_ids is None or input_ids.shape[0] < 2 or not self._can_share_prefix(kwargs):
             return 0
         shareable = (input_ids == input_ids[:1]).all(0) & (input_ids[0] != self.config.image_token_id)
         if attention_mask is not None:
             shareable &= attention_mask.bool().all(0)
-        untrained_next = torch.zeros_like(shareable)
-        untrained_next[:-1] = (labels[:, 1:] == IGNORE_INDEX).all(0).to(shareable.device)
-        shareable &= untrained_next
+        shareable &= (targets == IGNORE_INDEX).all(0).to(shareable.device)
         length = int(shareable.long().cumprod(0).sum())
         return length if length >= _MIN_SHARED_PREFIX else 0
 

@@ -105,8 +105,8 @@ def test_shared_prefix_stops_at_images_differences_padding_and_trained_targets(p
     untrained = torch.full_like(ids, -100)
     mask = torch.ones_like(ids)
 
-    def shared(ids=ids, mask=mask, labels=untrained):
-        return model._shared_prefix_length(ids, mask, labels, {})
+    def shared(ids=ids, mask=mask, labels=untrained):  # as forward calls it: the last token is only a target
+        return model._shared_prefix_length(ids[:, :-1], mask[:, :-1], labels[:, 1:], {})
 
     assert shared() == 10  # up to the first image token
     differ = ids.clone()
@@ -120,7 +120,7 @@ def test_shared_prefix_stops_at_images_differences_padding_and_trained_targets(p
     assert shared(labels=trained) == 8
     trained[1, 4] = 5
     assert shared(labels=trained) == 0  # shorter than the minimum worth a separate pass
-    assert model._shared_prefix_length(ids[:1], mask[:1], untrained[:1], {}) == 0  # one row: nothing to share
+    assert shared(ids[:1], mask[:1], untrained[:1]) == 0  # one row: nothing to share
     model.gradient_checkpointing_enable()
     assert shared() == 0  # checkpointed layers drop the cache that would carry the prefix
     model.gradient_checkpointing_disable()
