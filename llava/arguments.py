@@ -194,6 +194,13 @@ class LlavaTrainingArguments(TrainingArguments):
                           "'batch_rebalance' as in transformers.",
                   "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]},
     )
+    recompute_mlp_activations: bool = field(
+        default=True,
+        metadata={"help": "When the LM trains in full: keep its MLPs' matmul outputs for the backward pass and "
+                          "recompute their activation function and product there (~X% less peak memory for ~Y% "
+                          "more time, same results). Off under --gradient_checkpointing, which recomputes "
+                          "everything, and for LoRA/QLoRA."},
+    )
     projector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the projector (default: --learning_rate). LLaVA-1.5 LoRA "
                                         "recipe: 2e-5 next to a 2e-4 adapter learning rate."},

@@ -19,6 +19,7 @@ from llava.dataset import build_dataset
 from llava.lora import load_lora_model, save_lora_output
 from llava.model import load_model, load_processor, set_trainable
 from llava.preemption import PREEMPTED_EXIT_CODE
+from llava.recompute import recompute_mlp_activations
 from llava.trainer import LlavaTrainer
 
 logger = logging.getLogger("llava")
@@ -38,6 +39,9 @@ def build_model(model_args: ModelArguments, training_args: LlavaTrainingArgument
     if training_args.gradient_checkpointing:
         # With frozen embeddings the checkpointed blocks would see inputs without grad and drop the gradient.
         model.enable_input_require_grads()
+    elif training_args.recompute_mlp_activations and not training_args.lora_enable \
+            and not training_args.freeze_language_model:
+        recompute_mlp_activations(model.model.language_model)
     return model
 
 
