@@ -197,9 +197,9 @@ class LlavaTrainingArguments(TrainingArguments):
     recompute_mlp_activations: bool = field(
         default=True,
         metadata={"help": "When the LM trains in full: keep its MLPs' matmul outputs for the backward pass and "
-                          "recompute their activation function and product there (~X% less peak memory for ~Y% "
-                          "more time, same results). Off under --gradient_checkpointing, which recomputes "
-                          "everything, and for LoRA/QLoRA."},
+                          "recompute their activation function and product there (SmolLM2 benchmark: 7% less peak "
+                          "memory, ~5% more time per step, same results). Off under --gradient_checkpointing, "
+                          "which recomputes everything, and for LoRA/QLoRA."},
     )
     projector_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the projector (default: --learning_rate). LLaVA-1.5 LoRA "
