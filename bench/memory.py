@@ -42,36 +42,15 @@ def build_assets(work_dir: str, lm_layers: int | None) -> None:
     """Write the data and, when missing, an untrained stage-1 LLaVA (SmolLM2 + random CLIP tower) (in a child)."""
     from importlib.resources import files
 
-    import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig,
-                              CLIPVisionModel)
-
-    from llava.arguments import ModelArguments
-    from llava.demo.smollm2 import ensure_smollm2
-    from llava.model import assemble_llava, build_processor
+    from untrained_llava import save_untrained_llava
 
     write_data(work_dir)
     stage1 = stage1_path(work_dir, lm_layers)
     if os.path.isdir(stage1):
         return
-    lm_dir = ensure_smollm2()
-    if lm_layers:  # the first layers of the real LM: same vocabulary and widths, fewer parameters
-        lm = AutoModelForCausalLM.from_pretrained(lm_dir)
-        lm.model.layers = lm.model.layers[:lm_layers]
-        lm.config.num_hidden_layers = lm_layers
-        lm_dir = os.path.join(work_dir, f"lm-{lm_layers}-layers")
-        lm.save_pretrained(lm_dir)
-        AutoTokenizer.from_pretrained(ensure_smollm2()).save_pretrained(lm_dir)
-    vision_dir = os.path.join(work_dir, "vision")
     vision_config = json.loads(files("llava.demo").joinpath("vision_config.json").read_text())
     vision_config.pop("model_type")
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(**vision_config)).save_pretrained(vision_dir)
-    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(vision_dir)
-    args = ModelArguments(vision_model_name_or_path=vision_dir, language_model_name_or_path=lm_dir)
-    processor = build_processor(args)
-    assemble_llava(args, processor).save_pretrained(stage1)
-    processor.save_pretrained(stage1)
+    save_untrained_llava(stage1, work_dir, vision_config, lm_layers)
 
 
 def write_data(work_dir: str, count: int = 64) -> None:

@@ -91,10 +91,10 @@ def single_turn_records(path: str, image_folder: str) -> list[dict]:
         records = json.load(f)
     out = []
     for record in records:
-        human, gpt = record["conversations"][:2]
         if len(record["conversations"]) != 2 or "image" not in record:
             raise SystemExit(f"{path}: sample {record['id']!r} is not single-turn with one image; the baselines "
                              "only take those")
+        human, gpt = record["conversations"]
         out.append({"image": os.path.join(image_folder, record["image"]), "answer": gpt["value"],
                     "question": human["value"].replace("<image>\n", "").replace("<image>", "").strip()})
     return out

@@ -25,41 +25,18 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.join(REPO, "bench")]  # llava, and bench/untrained_llava.py
 
 VISION = {"image_size": 64, "patch_size": 8, "hidden_size": 256, "intermediate_size": 1024,
           "num_hidden_layers": 4, "num_attention_heads": 4}
 
 
 def build_model(work_dir: str, lm_layers: int | None) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    from llava.arguments import ModelArguments
-    from llava.demo.smollm2 import ensure_smollm2
-    from llava.model import assemble_llava, build_processor
+    from untrained_llava import save_untrained_llava
 
     model_dir = os.path.join(work_dir, "model")
-    if os.path.isfile(os.path.join(model_dir, "config.json")):
-        return model_dir
-    lm_dir = str(ensure_smollm2())
-    if lm_layers:  # the real LM's first layers: same vocabulary, template and widths, less compute
-        lm = AutoModelForCausalLM.from_pretrained(lm_dir)
-        lm.model.layers = lm.model.layers[:lm_layers]
-        lm.config.num_hidden_layers = lm_layers
-        lm_dir = os.path.join(work_dir, "lm")
-        lm.save_pretrained(lm_dir)
-        AutoTokenizer.from_pretrained(ensure_smollm2()).save_pretrained(lm_dir)
-    vision_dir = os.path.join(work_dir, "vision")
-    torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(vision_dir)
-    size = VISION["image_size"]
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
-        vision_dir)
-    args = ModelArguments(vision_model_name_or_path=vision_dir, language_model_name_or_path=lm_dir)
-    processor = build_processor(args)
-    assemble_llava(args, processor).save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        save_untrained_llava(model_dir, work_dir, VISION, lm_layers)
     return model_dir
 
 

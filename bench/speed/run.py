@@ -173,7 +173,7 @@ def main() -> None:
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(report + "\n")
     print(report)
-    print(json.dumps({"settings": {k: v for k, v in vars(args).items()}, "summary": summary}))
+    print(json.dumps({"settings": vars(args), "summary": summary}))
 
 
 if __name__ == "__main__":
