@@ -50,7 +50,8 @@ def build_stage1(folder: str) -> tuple[str, str, str]:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     from llava.arguments import ModelArguments
-    from llava.model import load_model, load_processor
+    from llava.model import load_model
+    from llava.processor import load_processor
     from tests.tiny_parts import conversation_records, gpt2_tokenizer, write_dataset
 
     data_path, image_folder = write_dataset(os.path.join(folder, "data"), conversation_records() * 40)

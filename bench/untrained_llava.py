@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor
 
 from llava.arguments import ModelArguments
 from llava.demo.smollm2 import ensure_smollm2
-from llava.model import assemble_llava, build_processor
+from llava.model import assemble_llava
+from llava.processor import build_processor
 
 
 def save_untrained_llava(output_dir: str, work_dir: str, vision_config: dict, lm_layers: int | None) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava.model import IGNORE_INDEX
+from llava.processor import IGNORE_INDEX
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, ProcessorMixin
 
-from llava.data import ConversationEncoder
+from llava.conversation import ConversationEncoder
 from llava.lora import is_adapter_checkpoint, load_merged_model
 from llava.model import LlavaForConditionalGeneration
 

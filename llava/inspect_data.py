@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from llava.arguments import DataArguments, ModelArguments
-from llava.data import ConversationEncoder, load_samples
-from llava.model import IGNORE_INDEX, load_processor
+from llava.conversation import ConversationEncoder
+from llava.data import load_samples
+from llava.processor import IGNORE_INDEX, load_processor
 
 TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
 

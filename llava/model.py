@@ -18,43 +18,21 @@ import os
 import torch
 import torch.nn.functional as F
 import transformers
-from PIL import Image
 from safetensors import safe_open
-from transformers import (AddedToken, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
-                          AutoProcessor, AutoTokenizer, BitsAndBytesConfig, GenerationConfig, LlavaConfig,
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
+                          BitsAndBytesConfig, GenerationConfig, LlavaConfig,
                           LlavaProcessor, PreTrainedModel, ProcessorMixin)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from llava.arguments import ModelArguments
+from llava.processor import IGNORE_INDEX, image_token_count, tower_config
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # Shorter shared prefixes are computed per row: the extra batch-1 pass would cost more than it saves.
 _MIN_SHARED_PREFIX = 8
-
-# Prepended to the LM's own chat template so the processor also accepts transformers' structured content
-# ([{"type": "image"}, {"type": "text", "text": ...}]), the form users serving the model elsewhere send: it is
-# flattened to the LM's plain-string form, with each image written as the image token on its own line.
-_STRUCTURED_CONTENT_PREAMBLE = (
-    "{%- set _flat = namespace(messages=[]) -%}"
-    "{%- for _m in messages -%}"
-    "{%- if _m['content'] is string or _m['content'] is none -%}"
-    "{%- set _flat.messages = _flat.messages + [_m] -%}"
-    "{%- else -%}"
-    "{%- set _text = namespace(value='') -%}"
-    "{%- for _c in _m['content'] -%}"
-    "{%- if _c['type'] == 'image' -%}{%- set _text.value = _text.value + '__IMAGE_TOKEN__\\n' -%}"
-    "{%- elif _c['type'] == 'text' -%}{%- set _text.value = _text.value + _c['text'] -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set _flat.messages = _flat.messages + [dict(_m, content=_text.value)] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set messages = _flat.messages -%}"
-)
-
 
 class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
     """transformers' LLaVA with a training loss computed only where labels are not -100.
@@ -250,94 +228,11 @@ def parameter_table(model: PreTrainedModel) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------- processor
+# --------------------------------------------------------------------------------------------- model
 
 def _torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
-
-def _vision_config(vision_path: str, trust_remote_code: bool):
-    """The vision config of a vision-only checkpoint, or the vision part of a full CLIP/SigLIP one."""
-    config = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
-    return getattr(config, "vision_config", config)
-
-
-def _extra_vision_tokens(vision_config) -> int:
-    """Tokens the tower emits beside its patches (CLIP: 1 CLS, SigLIP: 0), read off a weightless copy."""
-    with torch.device("meta"):
-        tower = AutoModel.from_config(vision_config)
-    for module in tower.modules():
-        if hasattr(module, "num_positions") and hasattr(module, "num_patches"):
-            return int(module.num_positions - module.num_patches)
-    raise ValueError(f"Unsupported vision tower {type(tower).__name__}: expected CLIP/SigLIP-style patch embeddings "
-                     "(num_patches, num_positions).")
-
-
-def _read_chat_template(value: str) -> str:
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            return f.read()
-    return value
-
-
-def multimodal_chat_template(lm_template: str, image_token: str) -> str:
-    """The LM's chat template, also accepting structured (image/text) message content."""
-    return _STRUCTURED_CONTENT_PREAMBLE.replace("__IMAGE_TOKEN__", image_token) + lm_template
-
-
-def build_processor(args: ModelArguments) -> LlavaProcessor:
-    """A `LlavaProcessor` for a new model: the LM's tokenizer (plus the image token), the tower's image processor.
-
-    `patch_size`, `num_additional_image_tokens` and `vision_feature_select_strategy` are set so that one
-    image token expands to exactly as many tokens as the projector emits; the chat template is the LM's own
-    (or --chat_template). No weights are loaded.
-    """
-    tokenizer = AutoTokenizer.from_pretrained(args.language_model_name_or_path,
-                                              trust_remote_code=args.trust_remote_code)
-    if args.image_token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(args.image_token, special=True, normalized=False)], special_tokens=True)
-    if tokenizer.pad_token is None:
-        # Padding positions are masked out of attention and loss, so reusing EOS is safe for training.
-        tokenizer.pad_token = tokenizer.eos_token
-    lm_template = _read_chat_template(args.chat_template) if args.chat_template else tokenizer.chat_template
-    if not isinstance(lm_template, str) or not lm_template:
-        raise ValueError(
-            f"The tokenizer of {args.language_model_name_or_path} has no chat template (a base model?). "
-            "Pass one with --chat_template (a Jinja string or a .jinja file), or use an instruct model."
-        )
-    vision_config = _vision_config(args.vision_model_name_or_path, args.trust_remote_code)
-    extra_tokens = _extra_vision_tokens(vision_config)
-    strategy = args.vision_feature_select_strategy or ("default" if extra_tokens > 0 else "full")
-    if strategy == "default" and extra_tokens == 0:
-        logger.warning("vision_feature_select_strategy='default' drops the first token, but %s has no CLS token: "
-                       "a real patch is dropped. Use --vision_feature_select_strategy full.",
-                       args.vision_model_name_or_path)
-    image_processor = AutoImageProcessor.from_pretrained(args.vision_model_name_or_path,
-                                                         trust_remote_code=args.trust_remote_code)
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
-        vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
-        image_token=args.image_token, chat_template=multimodal_chat_template(lm_template, args.image_token),
-    )
-
-
-def image_token_count(processor: ProcessorMixin) -> int:
-    """How many tokens one image placeholder becomes, by asking the processor itself (fixed-size towers)."""
-    size = processor.image_processor.crop_size or processor.image_processor.size
-    height = size.get("height") or size.get("shortest_edge")
-    width = size.get("width") or size.get("shortest_edge")
-    encoded = processor(text=processor.image_token, images=[Image.new("RGB", (width, height))])
-    return int(sum(1 for i in encoded["input_ids"][0] if i == processor.image_token_id))
-
-
-def load_processor(args: ModelArguments) -> ProcessorMixin:
-    """The processor of the checkpoint being continued, or a new one for an assembled model."""
-    if args.assembles_new_model:
-        return build_processor(args)
-    return AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-
-
-# --------------------------------------------------------------------------------------------- model
 
 def assemble_llava(args: ModelArguments, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
     """Assemble a new LLaVA from a pretrained vision tower and a pretrained causal LM.
@@ -353,7 +248,7 @@ def assemble_llava(args: ModelArguments, processor: LlavaProcessor) -> LlavaForC
     load_kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
     if args.attn_implementation:
         load_kwargs["attn_implementation"] = args.attn_implementation
-    vision_config = _vision_config(args.vision_model_name_or_path, args.trust_remote_code)
+    vision_config = tower_config(args.vision_model_name_or_path, args.trust_remote_code)
     vision_tower = AutoModel.from_pretrained(args.vision_model_name_or_path, config=vision_config, **load_kwargs)
     lm = AutoModelForCausalLM.from_pretrained(args.language_model_name_or_path, **load_kwargs)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:

@@ -17,7 +17,8 @@ from llava.collator import LlavaDataCollator
 from llava.data import load_samples
 from llava.dataset import build_dataset
 from llava.lora import load_lora_model, save_lora_output
-from llava.model import load_model, load_processor, set_trainable
+from llava.model import load_model, set_trainable
+from llava.processor import load_processor
 from llava.preemption import PREEMPTED_EXIT_CODE
 from llava.recompute import recompute_mlp_activations
 from llava.trainer import LlavaTrainer

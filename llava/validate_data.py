@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from llava.arguments import DataArguments, ModelArguments
-from llava.model import load_processor
+from llava.processor import load_processor
 from llava.validation import validate
 
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 
-from llava.data import ConversationEncoder, DataError, Sample, check_image, iter_samples, resolve_image_path
+from llava.conversation import ConversationEncoder
+from llava.data import DataError, Sample, check_image, iter_samples, resolve_image_path
 
 # Below this many samples a worker pool costs more than it saves.
 _POOL_THRESHOLD = 2000

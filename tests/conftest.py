@@ -27,7 +27,8 @@ def parts(tmp_path_factory):
 def llava_checkpoint(parts):
     """An assembled, untrained LLaVA checkpoint folder (weights + processor), as a user's stage output."""
     from llava.arguments import ModelArguments
-    from llava.model import load_model, load_processor
+    from llava.model import load_model
+    from llava.processor import load_processor
 
     args = ModelArguments(vision_model_name_or_path=parts["vision"], language_model_name_or_path=parts["lm"])
     processor = load_processor(args)

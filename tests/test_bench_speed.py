@@ -9,7 +9,8 @@ import sys
 import pytest
 from transformers import AutoProcessor
 
-from llava.data import ConversationEncoder, load_samples
+from llava.conversation import ConversationEncoder
+from llava.data import load_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench", "speed"))

@@ -4,9 +4,10 @@ import json
 import pytest
 
 from llava.arguments import ModelArguments
-from llava.data import ConversationEncoder, DataError, load_samples, to_sample
+from llava.conversation import ConversationEncoder
+from llava.data import DataError, load_samples, to_sample
 from llava.dataset import build_dataset
-from llava.model import IGNORE_INDEX, build_processor
+from llava.processor import IGNORE_INDEX, build_processor
 from tests.tiny_parts import (CHATML_DEFAULT_SYSTEM_TEMPLATE, CHATML_TEMPLATE, LLAMA2_TEMPLATE, TOKENS_PER_IMAGE,
                               conversation_records, save_language_model, write_dataset)
 

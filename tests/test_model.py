@@ -5,8 +5,8 @@ from safetensors.torch import load_file
 from llava.arguments import ModelArguments
 from llava.collator import LlavaDataCollator
 from llava.dataset import build_dataset
-from llava.model import (LlavaForConditionalGeneration, assemble_llava, build_processor, components,
-                         parameter_table, set_trainable)
+from llava.model import LlavaForConditionalGeneration, assemble_llava, components, parameter_table, set_trainable
+from llava.processor import build_processor
 from tests.tiny_parts import TOKENS_PER_IMAGE, save_vision_model
 
 

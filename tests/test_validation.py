@@ -10,7 +10,7 @@ from llava import validate_data
 from llava.arguments import ModelArguments
 from llava.data import DataError, load_image
 from llava.dataset import build_dataset
-from llava.model import load_processor
+from llava.processor import load_processor
 from llava.train import main
 from llava.validation import validate
 from tests.tiny_parts import conversation_records, save_images
