@@ -197,8 +197,8 @@ class LlavaTrainingArguments(TrainingArguments):
     recompute_mlp_activations: bool = field(
         default=True,
         metadata={"help": "When the LM trains in full: keep its MLPs' matmul outputs for the backward pass and "
-                          "recompute their activation function and product there (SmolLM2 benchmark: 7% less peak "
-                          "memory, ~5% more time per step, same results). Off under --gradient_checkpointing, "
+                          "recompute their activation function and product there (SmolLM2 benchmark: 7%% less peak "
+                          "memory, ~5%% more time per step, same results). Off under --gradient_checkpointing, "
                           "which recomputes everything, and for LoRA/QLoRA."},
     )
     projector_lr: float | None = field(
@@ -223,7 +223,7 @@ class LlavaTrainingArguments(TrainingArguments):
     lora_dropout: float = field(
         default=0.0,
         metadata={"help": "Dropout on the adapters' inputs. Default 0: dropout keeps an extra copy of every adapted "
-                          "layer's input for the backward pass (+15% peak memory for QLoRA on SmolLM2-135M); "
+                          "layer's input for the backward pass (+15%% peak memory for QLoRA on SmolLM2-135M); "
                           "LLaVA-1.5 used 0.05."},
     )
     lora_target_modules: str | None = field(

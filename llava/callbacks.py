@@ -68,8 +68,8 @@ class SampleAnswersCallback(TrainerCallback):
             self.writer = SummaryWriter(os.path.join(args.output_dir, "runs", "samples"))
         rows = ["| id | question | model | truth |", "|---|---|---|---|"]
         for index, (sample, sample_images, answer) in enumerate(zip(self.samples, images, answers)):
-            question = sample.messages[-2]["content"].replace(self.processor.image_token, "").strip()
-            truth = sample.messages[-1]["content"]
+            question = sample.messages[-2].content.replace(self.processor.image_token, "").strip()
+            truth = sample.messages[-1].content
             card = sample_card(sample_images[0] if sample_images else None,
                                [f"Q: {question}", f"model: {answer}", f"truth: {truth}"])
             self.writer.add_image(f"samples/{index}_{sample.id}", np.asarray(card), state.global_step,

@@ -1,45 +1,134 @@
-"""Conversations -> token ids and labels, with the chat template deciding what the model sees.
+"""Conversations -> token ids and labels, with the model's own chat template deciding what the model sees.
 
-Labels come from the chat template itself: for every assistant turn the conversation is rendered up to
-the turn's generation prompt and up to the turn's end, and the characters in between (the answer plus the
-template's end-of-turn token, trailing whitespace excluded) are the trained span. Tokens are mapped to
-characters with the tokenizer's offsets, so no per-template arithmetic exists that could drift from the
-template and silently mask a whole sample.
+A `Message` is one turn: its role, its text (image placeholders in place) and whether it is trained.
+`ConversationEncoder` renders a whole conversation once with the chat template and finds where the template put
+each message's text by rendering it again with every text wrapped in unique markers. Trained tokens are each
+assistant text as the template rendered it, plus the template's end-of-turn token(s) right after it (found once
+per template); everything else is -100. Nothing assumes that rendering a prefix of a conversation gives a prefix
+of the whole (Phi-3, Qwen3 and Mistral v0.3 break that), and there is no per-template arithmetic.
+
+Templates that cannot express a conversation's system turn (Gemma 2 raises, Mixtral v0.1 needs strictly
+alternating user/assistant roles) get the system text at the start of the first user turn, as Gemma 3's own
+template does. Text is tokenized as text: a literal special token typed in a message (`<|im_end|>` inside an
+answer) becomes the tokens of its characters, not the control token.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from transformers import ProcessorMixin
 
-from llava.data import DataError, Sample
+from llava.errors import DataError
 from llava.processor import IGNORE_INDEX, image_token_count
+
+if TYPE_CHECKING:
+    from llava.data import Sample
+
+logger = logging.getLogger(__name__)
+
+# Markers around (or in place of) each text in a probing render. Private-use code points: no template trims or
+# splits on them, and no tokenizer ever sees them.
+_MARK = re.compile("\ue000(\\d+)\ue001")
+# A word-like stand-in for an answer that is not known yet (inference prompts, end-of-turn probe).
+_ANSWER = "Answer"
+_SYSTEM_PROBE = "\ue002system probe\ue002"
+
+
+def _mark(index: int) -> str:
+    return f"\ue000{index}\ue001"
+
+
+@dataclass
+class Message:
+    """One turn of a conversation (torchtune's `Message`, minus what LLaVA data does not have).
+
+    Attributes:
+        role: "system", "user" or "assistant".
+        content: the text, with one image placeholder (`<image>`) where each image goes.
+        trained: whether the model learns to produce this text (assistant turns of training data).
+    """
+
+    role: str
+    content: str
+    trained: bool = False
 
 
 class ConversationEncoder:
-    """Renders samples with the processor's chat template and returns `input_ids` and `labels`.
+    """Renders conversations with the processor's chat template; returns `input_ids` and `labels`.
 
-    Image placeholders are expanded to as many image tokens as the vision tower yields per image (labels
-    -100). A sample longer than `max_length` loses text at its end; if that would cut an image span, or leave
-    no trained token, the sample is refused with a `DataError`.
+    Image placeholders are expanded to as many image tokens as the vision tower yields per image (labels -100).
+    A sample longer than `max_length` loses text at its end; if that would cut an image span, or leave no trained
+    token, the sample is refused with a `DataError`.
+
+    Raises (at construction, before any weights load):
+        ValueError: the processor has no chat template, or its template ends assistant turns with no special
+            token (a model trained on it would never learn to stop).
     """
 
     def __init__(self, processor: ProcessorMixin, max_length: int):
         self.tokenizer = processor.tokenizer
         self.chat_template = processor.chat_template
+        self.model_name = self.tokenizer.name_or_path or "this model"
         if not self.chat_template:
-            raise ValueError("The processor has no chat template; assemble with --chat_template.")
+            raise ValueError(f"The processor of {self.model_name} has no chat template; pass one with "
+                             "--chat_template when assembling the model.")
         self.image_token = processor.image_token
         self.image_token_id = processor.image_token_id
         self.tokens_per_image = image_token_count(processor)
         self.max_length = max_length
+        # Control tokens (turn markers, eos) the tokenizer would read out of text; the image token is meant to be.
+        special = {i: t.content for i, t in self.tokenizer.added_tokens_decoder.items()
+                   if t.special and i != self.image_token_id}
+        self.special_ids = set(special)
+        self.special_tokens = sorted(special.values(), key=len, reverse=True)  # longest first, for matching
         self.string_content = self._template_takes_string_content()
+        self.system_role = self._template_has_system_role()
+        if not self.system_role:
+            logger.warning("The chat template of %s cannot render a system turn: each conversation's system text is "
+                           "put at the start of its first user turn.", self.model_name)
+        self.end_of_turn = self._end_of_turn()
 
-    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    # ----------------------------------------------------------------------------------------- rendering
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         """The chat template's text for `messages`, image placeholders left in place."""
-        if not self.string_content:
-            messages = [{"role": m["role"], "content": self._structured(m["content"])} for m in messages]
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+        return self._render([m.content for m in messages], self._fold_system(messages), add_generation_prompt)
+
+    def prompt(self, messages: list[Message]) -> str:
+        """What training put before an assistant answer that follows `messages`: the prompt to generate from.
+
+        Cut from a rendering with a stand-in answer, so it is exactly what the model saw during training, also
+        for templates whose generation prompt differs from a rendered assistant turn (Qwen3's empty think block).
+        The cut ends where the answer's first token starts (`[/INST] Answer` tokenizes as `[/INST]`, ` Answer`).
+        """
+        text, regions, _ = self._locate([*messages, Message("assistant", _ANSWER, trained=True)])
+        start = regions[-1][0]
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for token_start, token_end in encoded["offset_mapping"]:
+            if token_end > start:
+                return text[:min(token_start, start)]
+        return text[:start]
+
+    def _render(self, texts: list[str], messages: list[Message], add_generation_prompt: bool) -> str:
+        """Render `messages` with `texts` in place of their contents (`texts[i]` for `messages[i]`)."""
+        conversation = [{"role": m.role, "content": text if self.string_content else self._structured(text)}
+                        for m, text in zip(messages, texts)]
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
+
+    def _fold_system(self, messages: list[Message]) -> list[Message]:
+        """`messages`, with a leading system turn merged into the first user turn when the template has none."""
+        if self.system_role or not messages or messages[0].role != "system":
+            return list(messages)
+        if len(messages) < 2 or messages[1].role != "user":
+            raise ValueError("the template has no system role, and the system turn is not followed by a user turn "
+                             "it could be merged into")
+        first_user = Message("user", f"{messages[0].content}\n\n{messages[1].content}", messages[1].trained)
+        return [first_user, *messages[2:]]
 
     def _template_takes_string_content(self) -> bool:
         """True for LM-style templates (and ours); llava-hf templates want [{"type": ...}] content instead."""
@@ -48,6 +137,14 @@ class ConversationEncoder:
             return probe in self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": probe}], chat_template=self.chat_template, tokenize=False)
         except Exception:  # noqa: BLE001 - a template that fails on strings expects structured content
+            return False
+
+    def _template_has_system_role(self) -> bool:
+        """Whether the template renders a leading system turn (Gemma 2 raises; some templates drop it silently)."""
+        probe = [Message("system", _SYSTEM_PROBE), Message("user", "Hi"), Message("assistant", "Hello", True)]
+        try:
+            return _SYSTEM_PROBE in self._render([m.content for m in probe], probe, add_generation_prompt=False)
+        except Exception:  # noqa: BLE001 - jinja's raise_exception, or a template that indexes roles
             return False
 
     def _structured(self, text: str) -> list[dict]:
@@ -60,37 +157,105 @@ class ConversationEncoder:
                 content.append({"type": "text", "text": piece})
         return content
 
-    def trained_spans(self, sample: Sample) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the character spans [start, end) of every assistant answer."""
-        rendered = self.render(sample.messages, add_generation_prompt=False)
+    # ----------------------------------------------------------------------------------------- locating text
+
+    def _locate(self, messages: list[Message]) -> tuple[str, list[tuple[int, int]], list[Message]]:
+        """The rendered conversation, the character span [start, end) of each message's text in it, and the
+        messages as rendered (a leading system turn folded into the first user turn where the template needs it).
+
+        First the texts are wrapped in markers and the markers removed again: when that gives the real rendering,
+        the spans are exact. A template that edits texts (Llama 3 trims them) makes the two differ; then the texts
+        are replaced by markers alone and the template's own text between them (its scaffolding) is matched
+        against the real rendering.
+
+        Raises:
+            ValueError: the template renders a text in a way neither method can locate.
+        """
+        messages = self._fold_system(messages)
+        contents = [m.content for m in messages]
+        rendered = self._render(contents, messages, add_generation_prompt=False)
+        wrapped = self._render([_mark(2 * i) + text + _mark(2 * i + 1) for i, text in enumerate(contents)],
+                               messages, add_generation_prompt=False)
+        regions = _unwrap(wrapped, rendered, len(messages))
+        if regions is None:
+            skeleton = self._render([_mark(i) for i in range(len(messages))], messages, add_generation_prompt=False)
+            regions = _align(skeleton, rendered, contents)
+        if regions is None:
+            raise ValueError("the template changes this conversation's texts in a way that hides where each turn "
+                             "is (only the texts themselves may differ between renderings)")
+        return rendered, regions, messages
+
+    def _end_of_turn(self) -> str:
+        """The special token(s) the template writes right after every assistant text (`<|im_end|>`, `<|eot_id|>`,
+        `</s>`, Phi-3's `<|end|>`): what each trained answer ends with, so the model learns to stop.
+
+        Found on conversations of 1 and 3 rounds as the special tokens common to what follows each answer, so a
+        conversation-final extra (Phi-3's `<|endoftext|>` after `<|end|>`) or the next turn's header (Llama 3's
+        `<|start_header_id|>`) is not part of it.
+        """
+        runs = []
+        for rounds in (1, 3):
+            messages = []
+            for index in range(rounds):
+                messages += [Message("user", f"Question {index}?"), Message("assistant", _ANSWER, trained=True)]
+            text, regions, _ = self._locate(messages)
+            runs += [self._special_run(text, end) for (_, end), m in zip(regions, messages) if m.trained]
+        common = runs[0]
+        for run in runs[1:]:
+            length = next((i for i, (a, b) in enumerate(zip(common, run)) if a != b), min(len(common), len(run)))
+            common = common[:length]
+        if not common:
+            raise ValueError(
+                f"The chat template of {self.model_name} puts no special token right after an assistant answer, so "
+                "a model trained on it would never learn to stop. Use a template that ends each assistant turn "
+                f"with an end-of-turn token, e.g. the eos token {self.tokenizer.eos_token!r} (--chat_template).")
+        return "".join(common)
+
+    def _special_run(self, text: str, position: int) -> list[str]:
+        """The special tokens that follow `position` in `text`, after optional whitespace, with nothing between."""
+        position += len(text[position:]) - len(text[position:].lstrip())
+        run = []
+        while True:
+            token = next((t for t in self.special_tokens if text.startswith(t, position)), None)
+            if token is None:
+                return run
+            run.append(token)
+            position += len(token)
+
+    # ----------------------------------------------------------------------------------------- encoding
+
+    def trained_spans(self, sample: Sample) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+        """The rendered conversation, the character spans of every trained answer (its text plus the
+        end-of-turn), and the spans of every message's text."""
+        text, regions, messages = self._locate(sample.messages)
         spans = []
-        for index, message in enumerate(sample.messages):
-            if message["role"] != "assistant":
+        for (start, end), message in zip(regions, messages):
+            if not message.trained:
                 continue
-            prompt = self.render(sample.messages[:index], add_generation_prompt=True)
-            through_answer = self.render(sample.messages[: index + 1], add_generation_prompt=False)
-            if not (through_answer.startswith(prompt) and rendered.startswith(through_answer)):
+            gap = len(text[end:]) - len(text[end:].lstrip())
+            if not text.startswith(self.end_of_turn, end + gap):
                 raise DataError(
-                    f"{sample.describe()}: the chat template renders turn {index} differently depending on what "
-                    "follows it, so answer spans cannot be located. Use a template whose rendering of a "
-                    "conversation prefix is a prefix of the whole (pass --chat_template).", kind="template_error"
-                )
-            spans.append((len(prompt), len(through_answer.rstrip())))
-        return rendered, spans
+                    f"{sample.describe()}: the chat template of {self.model_name} does not end this assistant turn "
+                    f"with its end-of-turn {self.end_of_turn!r} (it writes {text[end:end + 40]!r}), so the turn "
+                    "cannot be trained to stop. Fix the template (--chat_template) or the turn.",
+                    kind="template_error")
+            spans.append((start, end + gap + len(self.end_of_turn)))
+        return text, spans, regions
 
     def encode(self, sample: Sample) -> dict[str, list[int]]:
         """Token ids and labels (-100 where not trained) for one sample."""
+        if not any(m.trained for m in sample.messages):
+            raise DataError(f"{sample.describe()}: no assistant turn, so nothing to train on.",
+                            kind="no_assistant_turn")
         try:
-            rendered, spans = self.trained_spans(sample)
+            text, spans, regions = self.trained_spans(sample)
         except DataError:
             raise
         except Exception as error:  # jinja raises e.g. on roles out of order
-            raise DataError(f"{sample.describe()}: the chat template rejected this conversation: {error}",
+            raise DataError(f"{sample.describe()}: the chat template of {self.model_name} rejected this "
+                            f"conversation: {error}. Fix the sample or pass a --chat_template that accepts it.",
                             kind="template_error") from None
-        if not spans:
-            raise DataError(f"{sample.describe()}: no assistant turn, so nothing to train on.",
-                            kind="no_assistant_turn")
-        encoded = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids, labels = [], []
         span_index = 0
         for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
@@ -100,15 +265,27 @@ class ConversationEncoder:
             if token_id == self.image_token_id:
                 input_ids.extend([token_id] * self.tokens_per_image)
                 labels.extend([IGNORE_INDEX] * self.tokens_per_image)
-            else:
-                input_ids.append(token_id)
-                labels.append(token_id if in_answer else IGNORE_INDEX)
+                continue
+            ids = [token_id]
+            if token_id in self.special_ids and any(s <= start and end <= e for s, e in regions):
+                ids = self._as_text(text[start:end], sample)
+            input_ids.extend(ids)
+            labels.extend(ids if in_answer else [IGNORE_INDEX] * len(ids))
         placeholders = input_ids.count(self.image_token_id) // self.tokens_per_image
         if placeholders != len(sample.images):
             raise DataError(f"{sample.describe()}: {placeholders} {self.image_token} placeholder(s) but "
                             f"{len(sample.images)} image(s); put one {self.image_token} in the text per image.",
                             kind="image_count_mismatch")
         return self._truncate(sample, input_ids, labels)
+
+    def _as_text(self, literal: str, sample: Sample) -> list[int]:
+        """Token ids of a control token's text typed inside a message, read as characters."""
+        ids = self.tokenizer(literal, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if self.tokenizer.decode(ids) != literal or any(i in self.tokenizer.all_special_ids for i in ids):
+            raise DataError(f"{sample.describe()}: its text contains {literal!r}, a control token of this tokenizer, "
+                            "which cannot be tokenized as plain text here; remove or rephrase it.",
+                            kind="literal_special_token")
+        return ids
 
     def _truncate(self, sample: Sample, input_ids: list[int], labels: list[int]) -> dict[str, list[int]]:
         if len(input_ids) > self.max_length:
@@ -130,3 +307,56 @@ class ConversationEncoder:
         # causal LM: dropping them saves their forward and backward.
         end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
         return {"input_ids": input_ids[:end], "labels": labels[:end]}
+
+
+def _unwrap(wrapped: str, rendered: str, count: int) -> list[tuple[int, int]] | None:
+    """Spans of the texts in `rendered`, from a rendering whose texts were wrapped in markers 2i, 2i+1; None when
+    removing the markers does not give `rendered` back (the template edited a text) or a marker went missing."""
+    pieces, positions, length = [], {}, 0
+    previous = 0
+    for match in _MARK.finditer(wrapped):
+        pieces.append(wrapped[previous:match.start()])
+        length += match.start() - previous
+        index = int(match.group(1))
+        if index in positions:
+            return None
+        positions[index] = length
+        previous = match.end()
+    pieces.append(wrapped[previous:])
+    if "".join(pieces) != rendered or sorted(positions) != list(range(2 * count)):
+        return None
+    regions = [(positions[2 * i], positions[2 * i + 1]) for i in range(count)]
+    if any(start > end for start, end in regions) or any(a[1] > b[0] for a, b in zip(regions, regions[1:])):
+        return None
+    return regions
+
+
+def _align(skeleton: str, rendered: str, contents: list[str]) -> list[tuple[int, int]] | None:
+    """Spans of the texts in `rendered`, matching the template's scaffolding from `skeleton` (the rendering with
+    marker i in place of text i); None when the scaffolding does not match."""
+    matches = list(_MARK.finditer(skeleton))
+    if [int(m.group(1)) for m in matches] != list(range(len(contents))):
+        return None
+    scaffolding = [skeleton[:matches[0].start()]]
+    scaffolding += [skeleton[a.end():b.start()] for a, b in zip(matches, matches[1:])]
+    scaffolding.append(skeleton[matches[-1].end():])
+    if not rendered.startswith(scaffolding[0]):
+        return None
+    position, regions = len(scaffolding[0]), []
+    for index, content in enumerate(contents):
+        following = scaffolding[index + 1]
+        if index == len(contents) - 1:
+            end = len(rendered) - len(following)
+            if not rendered.endswith(following) or end < position:
+                return None
+        elif rendered.startswith(content + following, position):
+            end = position + len(content)
+        elif following:
+            end = rendered.find(following, position)
+            if end < 0:
+                return None
+        else:
+            return None
+        regions.append((position, end))
+        position = end + len(following)
+    return regions

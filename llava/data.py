@@ -13,31 +13,22 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageOps
 
+from llava.conversation import Message
+from llava.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class DataError(ValueError):
-    """A sample that cannot be trained on; the message names its file, position and id and the fix.
-
-    `kind` is a short name of the defect (e.g. "missing_image"), used to count problems by kind.
-    """
-
-    def __init__(self, message: str, kind: str = "invalid_sample"):
-        super().__init__(message)
-        self.kind = kind
-
-
 @dataclass
 class Sample:
-    """One conversation. `messages` are {"role": user|assistant|system, "content": str} with image placeholders
-    left in the text; `images` are paths in placeholder order; `location` is "file:line" or "file[index]".
-    """
+    """One conversation: its `messages` (image placeholders left in their text), the image paths in placeholder
+    order, and where it came from (`location`: "file:line" or "file[index]")."""
 
     id: str
     location: str
-    messages: list[dict]
+    messages: list[Message]
     images: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)  # the record's other fields, e.g. "answer_type" for evaluation
 
@@ -104,7 +95,7 @@ def to_sample(record: dict, location: str) -> Sample:
         if not content.strip():
             raise DataError(f"{where}: turn {turn_index} ({role}) has empty text; remove the turn or fill it in.",
                             kind="empty_text")
-        messages.append({"role": role, "content": content})
+        messages.append(Message(role, content, trained=role == "assistant"))
     images = record.get("image", record.get("images")) or []
     images = [images] if isinstance(images, str) else list(images)
     if not all(isinstance(image, str) and image for image in images):

@@ -7,7 +7,8 @@ import logging
 import torch
 from transformers import ProcessorMixin
 
-from llava.data import DataError, Sample, load_image, resolve_image_path
+from llava.data import Sample, load_image, resolve_image_path
+from llava.errors import DataError
 from llava.validation import validate
 
 logger = logging.getLogger(__name__)

@@ -10,15 +10,16 @@ groups the accuracy. The last stdout line is one JSON object: accuracy, num_samp
 
 from __future__ import annotations
 
-import argparse
 import json
 import string
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
 from llava.data import Sample, load_image, load_samples, resolve_image_path
-from llava.inference import Answerer, load_for_inference
+from llava.inference import Answerer, InferenceArguments, load_for_inference
 
 
 def normalize(answer: str) -> str:
@@ -36,7 +37,7 @@ def evaluate(answerer: Answerer, samples: list[Sample], image_folder: str | None
             images = [[load_image(resolve_image_path(image_folder, path, s)) for path in s.images] for s in batch]
             answers = answerer.answer([s.messages[:-1] for s in batch], images)
             for sample, answer in zip(batch, answers):
-                reference = sample.messages[-1]["content"]
+                reference = sample.messages[-1].content
                 is_correct = normalize(answer) == normalize(reference)
                 answer_type = sample.metadata.get("answer_type", "all")
                 for key in {"all", answer_type}:
@@ -55,27 +56,29 @@ def evaluate(answerer: Answerer, samples: list[Sample], image_folder: str | None
 
 def evaluation_samples(data_path: str, max_samples: int | None) -> list[Sample]:
     samples = load_samples([p for p in data_path.split(",") if p])
-    unanswered = [s.describe() for s in samples if s.messages[-1]["role"] != "assistant"]
+    unanswered = [s.describe() for s in samples if s.messages[-1].role != "assistant"]
     if unanswered:
         raise ValueError(f"Evaluation samples must end with the reference answer (an assistant turn): "
                          f"{', '.join(unanswered[:5])}")
     return samples[:max_samples] if max_samples else samples
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="Checkpoint folder (or hub id).")
-    parser.add_argument("--data_path", required=True, help="LLaVA .json/.jsonl file(s), comma-separated.")
-    parser.add_argument("--image_folder", help="Folder the samples' image paths are relative to.")
-    parser.add_argument("--max_samples", type=int, help="Evaluate the first N samples only.")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=16)
-    parser.add_argument("--output_file", help="Write one JSON line per sample: reference, prediction, correct.")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = parser.parse_args(argv)
+@dataclass
+class EvaluateArguments:
+    data_path: str = field(metadata={"help": "LLaVA .json/.jsonl file(s), comma-separated; each sample's last turn "
+                                             "is the reference answer."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the samples' image paths are relative to."})
+    max_samples: int | None = field(default=None, metadata={"help": "Evaluate the first N samples only."})
+    batch_size: int = field(default=16, metadata={"help": "Questions answered together (left-padded)."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Longest answer, in tokens (greedy decoding)."})
+    output_file: str | None = field(
+        default=None, metadata={"help": "Write one JSON line per sample: reference, prediction, correct."})
 
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, args = HfArgumentParser((InferenceArguments, EvaluateArguments)).parse_args_into_dataclasses(argv)
     samples = evaluation_samples(args.data_path, args.max_samples)
-    model, processor = load_for_inference(args.model_name_or_path, args.dtype)
+    model, processor = load_for_inference(model_args.model_name_or_path, model_args.dtype)
     result = evaluate(Answerer(model, processor, args.max_new_tokens), samples, args.image_folder, args.batch_size,
                       args.output_file)
     print(json.dumps(result))

@@ -5,25 +5,28 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
+from transformers import HfArgumentParser
+
+from llava.conversation import Message
 from llava.data import load_image
-from llava.inference import Answerer, load_for_inference
+from llava.inference import Answerer, InferenceArguments, load_for_inference
+
+
+@dataclass
+class GenerateArguments:
+    prompt: str = field(metadata={"help": "The question."})
+    image: str | None = field(default=None, metadata={"help": "Image file; omit for a text-only question."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest answer, in tokens (greedy decoding)."})
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="Checkpoint folder (or hub id).")
-    parser.add_argument("--image", help="Image file; omit for a text-only question.")
-    parser.add_argument("--prompt", required=True, help="The question.")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = parser.parse_args(argv)
-
-    model, processor = load_for_inference(args.model_name_or_path, args.dtype)
+    model_args, args = HfArgumentParser((InferenceArguments, GenerateArguments)).parse_args_into_dataclasses(argv)
+    model, processor = load_for_inference(model_args.model_name_or_path, model_args.dtype)
     images = [load_image(args.image)] if args.image else []
     content = (f"{processor.image_token}\n" if images else "") + args.prompt
-    (answer,) = Answerer(model, processor, args.max_new_tokens).answer([[{"role": "user", "content": content}]],
+    (answer,) = Answerer(model, processor, args.max_new_tokens).answer([[Message("user", content)]],
                                                                        [images])
     print(answer)
     return answer

@@ -3,13 +3,25 @@ TensorBoard sample callback, so all three prompt the model exactly as training r
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from PIL import Image
 from transformers import AutoProcessor, ProcessorMixin
 
-from llava.conversation import ConversationEncoder
+from llava.conversation import ConversationEncoder, Message
 from llava.lora import is_adapter_checkpoint, load_merged_model
 from llava.model import LlavaForConditionalGeneration
+
+
+@dataclass
+class InferenceArguments:
+    """Which checkpoint answers, in which dtype (`llava.generate`, `llava.evaluate`)."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "LLaVA checkpoint folder or hub id; a LoRA checkpoint-N is merged into its base first."})
+    dtype: str = field(default="float32", metadata={"help": "Weights' dtype for inference.",
+                                                    "choices": ["float32", "bfloat16", "float16"]})
 
 
 def load_for_inference(path: str, dtype: str = "float32"):
@@ -37,9 +49,9 @@ class Answerer:
         self.max_new_tokens = max_new_tokens
 
     @torch.no_grad()
-    def answer(self, conversations: list[list[dict]], images: list[list[Image.Image]]) -> list[str]:
+    def answer(self, conversations: list[list[Message]], images: list[list[Image.Image]]) -> list[str]:
         """One answer per conversation; `images[i]` fills conversation i's placeholders in order."""
-        prompts = [self.encoder.render(messages, add_generation_prompt=True) for messages in conversations]
+        prompts = [self.encoder.prompt(messages) for messages in conversations]
         flat_images = [image for sample_images in images for image in sample_images]
         tokenizer = self.processor.tokenizer
         padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 
 from llava.conversation import ConversationEncoder
-from llava.data import DataError, Sample, check_image, iter_samples, resolve_image_path
+from llava.data import Sample, check_image, iter_samples, resolve_image_path
+from llava.errors import DataError
 
 # Below this many samples a worker pool costs more than it saves.
 _POOL_THRESHOLD = 2000
@@ -57,8 +58,8 @@ class SampleChecker:
         if isinstance(sample, DataError):
             return None, sample
         try:
-            if sample.messages[-1]["role"] != "assistant":
-                raise DataError(f"{sample.describe()}: the last turn is the {sample.messages[-1]['role']}'s, so "
+            if sample.messages[-1].role != "assistant":
+                raise DataError(f"{sample.describe()}: the last turn is the {sample.messages[-1].role}'s, so "
                                 "it is never answered; end every conversation with an assistant turn.",
                                 kind="last_turn_not_assistant")
             encoded = self.encoder.encode(sample)

