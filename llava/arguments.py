@@ -60,7 +60,8 @@ class ModelArguments:
     chat_template: str | None = field(
         default=None,
         metadata={"help": "Chat template (a Jinja string or a path to a .jinja file) for LMs without one, "
-                          "e.g. base models. Default: the language model's own template."},
+                          "e.g. base models, or to replace a --model_name_or_path checkpoint's template (saved with "
+                          "the outputs). Default: the language model's (or checkpoint's) own template."},
     )
     dtype: str = field(
         default="float32",

@@ -64,9 +64,12 @@ class ConversationEncoder:
     A sample longer than `max_length` loses text at its end; if that would cut an image span, or leave no trained
     token, the sample is refused with a `DataError`.
 
+    A template that ends assistant turns with no special token (llava-hf's LLaVA-1.5 template) gets the eos token
+    appended to every assistant text, as LLaVA's own training did, so the model learns to stop.
+
     Raises (at construction, before any weights load):
         ValueError: the processor has no chat template, or its template ends assistant turns with no special
-            token (a model trained on it would never learn to stop).
+            token and the tokenizer has no eos token either.
     """
 
     def __init__(self, processor: ProcessorMixin, max_length: int):
@@ -90,6 +93,7 @@ class ConversationEncoder:
         if not self.system_role:
             logger.warning("The chat template of %s cannot render a system turn: each conversation's system text is "
                            "put at the start of its first user turn.", self.model_name)
+        self.appends_end_of_turn = False  # set by `_end_of_turn` for templates that write none
         self.end_of_turn = self._end_of_turn()
 
     # ----------------------------------------------------------------------------------------- rendering
@@ -98,20 +102,21 @@ class ConversationEncoder:
         """The chat template's text for `messages`, image placeholders left in place."""
         return self._render([m.content for m in messages], self._fold_system(messages), add_generation_prompt)
 
-    def prompt(self, messages: list[Message]) -> str:
-        """What training put before an assistant answer that follows `messages`: the prompt to generate from.
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The token ids training put before an assistant answer that follows `messages` (image tokens expanded):
+        what to generate from.
 
-        Cut from a rendering with a stand-in answer, so it is exactly what the model saw during training, also
-        for templates whose generation prompt differs from a rendered assistant turn (Qwen3's empty think block).
-        The cut ends where the answer's first token starts (`[/INST] Answer` tokenizes as `[/INST]`, ` Answer`).
+        Cut from the tokens of a rendering with a stand-in answer, so they are exactly what the model saw in
+        training, also where a template's generation prompt differs from a rendered assistant turn and where a
+        tokenizer would split the prompt's end differently on its own (`\n\n` then text vs. a final `\n\n`).
         """
-        text, regions, _ = self._locate([*messages, Message("assistant", _ANSWER, trained=True)])
-        start = regions[-1][0]
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        for token_start, token_end in encoded["offset_mapping"]:
-            if token_end > start:
-                return text[:min(token_start, start)]
-        return text[:start]
+        conversation = [*messages, Message("assistant", _ANSWER, trained=True)]
+        text, spans, regions = self.trained_spans(conversation, "the prompt")
+        input_ids, labels = self._tokenize(text, spans, regions, "the prompt")
+        start = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)  # in the stand-in answer
+        while labels[start - 1] != IGNORE_INDEX:
+            start -= 1
+        return input_ids[:start]
 
     def _render(self, texts: list[str], messages: list[Message], add_generation_prompt: bool) -> str:
         """Render `messages` with `texts` in place of their contents (`texts[i]` for `messages[i]`)."""
@@ -183,6 +188,8 @@ class ConversationEncoder:
         if regions is None:
             raise ValueError("the template changes this conversation's texts in a way that hides where each turn "
                              "is (only the texts themselves may differ between renderings)")
+        if self.appends_end_of_turn:
+            rendered, regions = _insert_after_trained(rendered, regions, messages, self.end_of_turn)
         return rendered, regions, messages
 
     def _end_of_turn(self) -> str:
@@ -204,12 +211,18 @@ class ConversationEncoder:
         for run in runs[1:]:
             length = next((i for i, (a, b) in enumerate(zip(common, run)) if a != b), min(len(common), len(run)))
             common = common[:length]
-        if not common:
+        if common:
+            return "".join(common)
+        if not self.tokenizer.eos_token:
             raise ValueError(
-                f"The chat template of {self.model_name} puts no special token right after an assistant answer, so "
-                "a model trained on it would never learn to stop. Use a template that ends each assistant turn "
-                f"with an end-of-turn token, e.g. the eos token {self.tokenizer.eos_token!r} (--chat_template).")
-        return "".join(common)
+                f"The chat template of {self.model_name} puts no special token right after an assistant answer and "
+                "the tokenizer has no eos token, so a model trained on it would never learn to stop. Pass a "
+                "--chat_template that ends each assistant turn with an end-of-turn token.")
+        logger.warning("The chat template of %s puts no special token right after an assistant answer: %r is "
+                       "appended to each answer so the model learns to stop.", self.model_name,
+                       self.tokenizer.eos_token)
+        self.appends_end_of_turn = True
+        return self.tokenizer.eos_token
 
     def _special_run(self, text: str, position: int) -> list[str]:
         """The special tokens that follow `position` in `text`, after optional whitespace, with nothing between."""
@@ -224,10 +237,11 @@ class ConversationEncoder:
 
     # ----------------------------------------------------------------------------------------- encoding
 
-    def trained_spans(self, sample: Sample) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    def trained_spans(self, messages: list[Message], where: str
+                      ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
         """The rendered conversation, the character spans of every trained answer (its text plus the
-        end-of-turn), and the spans of every message's text."""
-        text, regions, messages = self._locate(sample.messages)
+        end-of-turn), and the spans of every message's text. `where` names the sample in errors."""
+        text, regions, messages = self._locate(messages)
         spans = []
         for (start, end), message in zip(regions, messages):
             if not message.trained:
@@ -235,7 +249,7 @@ class ConversationEncoder:
             gap = len(text[end:]) - len(text[end:].lstrip())
             if not text.startswith(self.end_of_turn, end + gap):
                 raise DataError(
-                    f"{sample.describe()}: the chat template of {self.model_name} does not end this assistant turn "
+                    f"{where}: the chat template of {self.model_name} does not end this assistant turn "
                     f"with its end-of-turn {self.end_of_turn!r} (it writes {text[end:end + 40]!r}), so the turn "
                     "cannot be trained to stop. Fix the template (--chat_template) or the turn.",
                     kind="template_error")
@@ -248,13 +262,27 @@ class ConversationEncoder:
             raise DataError(f"{sample.describe()}: no assistant turn, so nothing to train on.",
                             kind="no_assistant_turn")
         try:
-            text, spans, regions = self.trained_spans(sample)
+            text, spans, regions = self.trained_spans(sample.messages, sample.describe())
         except DataError:
             raise
         except Exception as error:  # jinja raises e.g. on roles out of order
             raise DataError(f"{sample.describe()}: the chat template of {self.model_name} rejected this "
                             f"conversation: {error}. Fix the sample or pass a --chat_template that accepts it.",
                             kind="template_error") from None
+        input_ids, labels = self._tokenize(text, spans, regions, sample.describe())
+        placeholders = input_ids.count(self.image_token_id) // self.tokens_per_image
+        if placeholders != len(sample.images):
+            raise DataError(f"{sample.describe()}: {placeholders} {self.image_token} placeholder(s) but "
+                            f"{len(sample.images)} image(s); put one {self.image_token} in the text per image.",
+                            kind="image_count_mismatch")
+        return self._truncate(sample, input_ids, labels)
+
+    def _tokenize(self, text: str, spans: list[tuple[int, int]], regions: list[tuple[int, int]], where: str
+                  ) -> tuple[list[int], list[int]]:
+        """Token ids of `text` with each image token expanded, and labels: the id inside `spans`, else -100.
+
+        Control tokens inside a message's text (`regions`) were typed, not written by the template: they become
+        the tokens of their characters."""
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids, labels = [], []
         span_index = 0
@@ -268,21 +296,16 @@ class ConversationEncoder:
                 continue
             ids = [token_id]
             if token_id in self.special_ids and any(s <= start and end <= e for s, e in regions):
-                ids = self._as_text(text[start:end], sample)
+                ids = self._as_text(text[start:end], where)
             input_ids.extend(ids)
             labels.extend(ids if in_answer else [IGNORE_INDEX] * len(ids))
-        placeholders = input_ids.count(self.image_token_id) // self.tokens_per_image
-        if placeholders != len(sample.images):
-            raise DataError(f"{sample.describe()}: {placeholders} {self.image_token} placeholder(s) but "
-                            f"{len(sample.images)} image(s); put one {self.image_token} in the text per image.",
-                            kind="image_count_mismatch")
-        return self._truncate(sample, input_ids, labels)
+        return input_ids, labels
 
-    def _as_text(self, literal: str, sample: Sample) -> list[int]:
+    def _as_text(self, literal: str, where: str) -> list[int]:
         """Token ids of a control token's text typed inside a message, read as characters."""
         ids = self.tokenizer(literal, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         if self.tokenizer.decode(ids) != literal or any(i in self.tokenizer.all_special_ids for i in ids):
-            raise DataError(f"{sample.describe()}: its text contains {literal!r}, a control token of this tokenizer, "
+            raise DataError(f"{where}: its text contains {literal!r}, a control token of this tokenizer, "
                             "which cannot be tokenized as plain text here; remove or rephrase it.",
                             kind="literal_special_token")
         return ids
@@ -307,6 +330,18 @@ class ConversationEncoder:
         # causal LM: dropping them saves their forward and backward.
         end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
         return {"input_ids": input_ids[:end], "labels": labels[:end]}
+
+
+def _insert_after_trained(text: str, regions: list[tuple[int, int]], messages: list[Message], insert: str
+                          ) -> tuple[str, list[tuple[int, int]]]:
+    """`text` with `insert` written right after every trained message's text, and the regions moved with it."""
+    pieces, moved, shift, previous = [], [], 0, 0
+    for (start, end), message in zip(regions, messages):
+        moved.append((start + shift, end + shift))
+        if message.trained:
+            pieces += [text[previous:end], insert]
+            previous, shift = end, shift + len(insert)
+    return "".join(pieces) + text[previous:], moved
 
 
 def _unwrap(wrapped: str, rendered: str, count: int) -> list[tuple[int, int]] | None:

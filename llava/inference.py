@@ -38,8 +38,9 @@ def load_for_inference(path: str, dtype: str = "float32"):
 class Answerer:
     """Greedy-decodes answers for conversations whose last turn is the user's.
 
-    Prompts are rendered by the same `ConversationEncoder` the training data went through (same chat
-    template, same placeholder handling), then padded on the left so every prompt ends where generation starts.
+    Prompt tokens come from the same `ConversationEncoder` the training data went through: the exact ids that
+    preceded a trained answer (chat template, image-token expansion, tokenization at the answer's boundary), and
+    images go through the same image processor. Prompts are padded on the left so each ends where generation starts.
     """
 
     def __init__(self, model, processor: ProcessorMixin, max_new_tokens: int = 32):
@@ -51,19 +52,20 @@ class Answerer:
     @torch.no_grad()
     def answer(self, conversations: list[list[Message]], images: list[list[Image.Image]]) -> list[str]:
         """One answer per conversation; `images[i]` fills conversation i's placeholders in order."""
-        prompts = [self.encoder.prompt(messages) for messages in conversations]
-        flat_images = [image for sample_images in images for image in sample_images]
+        prompts = [self.encoder.prompt_ids(messages) for messages in conversations]
         tokenizer = self.processor.tokenizer
-        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            inputs = self.processor(text=prompts, images=flat_images or None, padding=True, return_tensors="pt",
-                                    add_special_tokens=False)
-        finally:
-            tokenizer.padding_side = padding_side
-        inputs = inputs.to(self.model.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        length = max(len(prompt) for prompt in prompts)
+        input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, length - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, length - len(prompt):] = 1
+        inputs = {"input_ids": input_ids.to(self.model.device), "attention_mask": attention_mask.to(self.model.device)}
+        flat_images = [image for sample_images in images for image in sample_images]
+        if flat_images:
+            pixel_values = self.processor.image_processor(images=flat_images, return_tensors="pt")["pixel_values"]
+            inputs["pixel_values"] = pixel_values.to(self.model.device, self.model.dtype)
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        new_tokens = output[:, length:]
         return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

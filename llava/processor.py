@@ -71,9 +71,16 @@ def _read_chat_template(value: str) -> str:
     return value
 
 
+# Templates with a thinking switch (Qwen3) default to thinking, and then their generation prompt lacks the empty
+# think block that every trained answer (LLaVA data has no reasoning) follows; off by default, the prompt that
+# plain transformers, vLLM or lmms-eval render is the one training saw. `enable_thinking=True` still turns it on.
+_THINKING_OFF_PREAMBLE = "{%- if enable_thinking is not defined -%}{%- set enable_thinking = false -%}{%- endif -%}"
+
+
 def multimodal_chat_template(lm_template: str, image_token: str) -> str:
-    """The LM's chat template, also accepting structured (image/text) message content."""
-    return _STRUCTURED_CONTENT_PREAMBLE.replace("__IMAGE_TOKEN__", image_token) + lm_template
+    """The LM's chat template, also accepting structured (image/text) message content, thinking off by default."""
+    thinking = _THINKING_OFF_PREAMBLE if "enable_thinking" in lm_template else ""
+    return thinking + _STRUCTURED_CONTENT_PREAMBLE.replace("__IMAGE_TOKEN__", image_token) + lm_template
 
 
 def build_processor(args: ModelArguments) -> LlavaProcessor:
@@ -125,6 +132,10 @@ def load_processor(args: ModelArguments) -> ProcessorMixin:
     """The processor of the checkpoint being continued, or a new one for an assembled model."""
     if args.assembles_new_model:
         return build_processor(args)
-    return AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    if args.chat_template:  # e.g. llava-hf checkpoints, whose template ends answers with no end-of-turn token
+        processor.chat_template = multimodal_chat_template(_read_chat_template(args.chat_template),
+                                                           processor.image_token)
+    return processor
 
 

@@ -1,0 +1,149 @@
+"""Label masks for every published chat template we ship (tests/chat_templates, see SOURCES.md) x every sample kind.
+
+The trained tokens of a sample must decode to each assistant answer followed by the template's end-of-turn token,
+with that control token exactly once per answer (a literal `<|im_end|>` typed in an answer stays text), and the
+prompt the model is asked to continue at inference must be exactly what preceded the answer in training.
+"""
+
+import itertools
+
+import pytest
+
+from llava.arguments import ModelArguments
+from llava.conversation import ConversationEncoder, Message
+from llava.data import to_sample
+from llava.errors import DataError
+from llava.processor import IGNORE_INDEX, build_processor
+from tests.families import FAMILIES, family_tokenizer
+from tests.tiny_parts import save_vision_model
+
+# The end-of-turn each family's published template writes after an answer (llava-hf's writes none: eos is added).
+END_OF_TURN = {
+    "llama3_1": "<|eot_id|>", "llama3_2": "<|eot_id|>", "qwen2_5": "<|im_end|>", "qwen3": "<|im_end|>",
+    "mistral_v0_1": "</s>", "mistral_v0_1_original": "</s>", "mistral_v0_3": "</s>", "mistral_nemo": "</s>",
+    "mixtral_v0_1": "</s>", "mixtral_v0_1_original": "</s>", "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>",
+    "phi3": "<|end|>", "phi3_5": "<|end|>", "phi4": "<|im_end|>", "smollm2": "<|im_end|>",
+    "deepseek_r1_distill": "<｜end▁of▁sentence｜>", "vicuna_v1": "</s>", "llava_1_5": "</s>",
+}
+# Templates whose own generation prompt (add_generation_prompt=True) is not what precedes a trained answer, and why.
+GENERATION_PROMPT_DIFFERS = {
+    "deepseek_r1_distill": "its generation prompt always opens a think block (`<think>\\n`); rendered answers have none",
+    "llava_1_5": "it renders no eos after answers, so training appends one; its history turns lack it",
+}
+
+
+def turns(*pairs, system=None):
+    conversation = [{"from": "system", "value": system}] if system else []
+    for question, answer in pairs:
+        conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return conversation
+
+
+def samples(end_token: str) -> dict[str, dict]:
+    """One record per sample kind; `end_token` is typed literally into an answer."""
+    return {
+        "single": {"image": "a.png", "conversations": turns(("<image>\nWhat colour is it?", "Red."))},
+        "multi_turn": {"image": "a.png", "conversations": turns(
+            ("<image>\nWhat colour is it?", "Blue."), ("Is it dark?", "No, light blue."),
+            ("Any shapes?", "One circle."))},
+        "system": {"image": "a.png", "conversations": turns(("<image>\nColour?", "Green"),
+                                                            system="Answer in one word.")},
+        "system_multi_turn": {"image": "a.png", "conversations": turns(
+            ("<image>\nColour?", "Green"), ("Shape?", "Square"), system="Answer in one word.")},
+        "text_only": {"conversations": turns(("What is two plus two?", "Four."))},
+        "two_images": {"image": ["a.png", "b.png"], "conversations": turns(
+            ("<image>\n<image>\nSame colour?", "No: red and blue."))},
+        "image_at_end": {"image": "a.png", "conversations": turns(("Describe this picture:\n<image>", "A red disc."))},
+        "literal_end_token": {"conversations": turns(
+            (f"Does {end_token} end a turn?", f"Yes: {end_token} ends it, and <|im_end|> or </s> too."))},
+        "emoji": {"image": "a.png", "conversations": turns(("<image>\nMood? 🙂", "Happy 😀🎉, naïve café."))},
+    }
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    vision = save_vision_model(str(root / "vision"))
+    built = {}
+    for name, family in FAMILIES.items():
+        path = str(root / name)
+        family_tokenizer(name).save_pretrained(path)
+        processor = build_processor(ModelArguments(vision_model_name_or_path=vision, language_model_name_or_path=path))
+        if family.content_parts:  # as a llava-hf checkpoint ships it: typed content parts, no string wrapper
+            processor.chat_template = family.template
+        built[name] = ConversationEncoder(processor, max_length=4096)
+    return built
+
+
+def trained_runs(encoded) -> list[list[int]]:
+    return [[token for token, _ in group] for trained, group in itertools.groupby(
+        zip(encoded["input_ids"], encoded["labels"]), key=lambda pair: pair[1] != IGNORE_INDEX) if trained]
+
+
+@pytest.mark.parametrize("kind", list(samples("")))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_trained_tokens_are_each_answer_and_its_end_of_turn(encoders, family, kind):
+    encoder = encoders[family]
+    assert encoder.end_of_turn == END_OF_TURN[family]
+    record = {"id": kind, **samples(FAMILIES[family].eos_token or "</s>")[kind]}
+    sample = to_sample(record, "mem")
+    encoded = encoder.encode(sample)
+    tokenizer = encoder.tokenizer
+    answers = [m.content for m in sample.messages if m.role == "assistant"]
+    runs = trained_runs(encoded)
+    # A template may write a space before the answer ("[/INST] Red."), which the answer's first token carries.
+    assert [tokenizer.decode(run).lstrip(" ") for run in runs] == [a + encoder.end_of_turn for a in answers]
+    end_id = tokenizer.convert_tokens_to_ids(encoder.end_of_turn)
+    for run in runs:  # the control token once, at the end; typed-in control tokens became plain text
+        assert run[-1] == end_id and not encoder.special_ids & set(run[:-1]), tokenizer.convert_ids_to_tokens(run)
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(encoded["input_ids"], encoded["labels"]))
+    assert encoded["input_ids"].count(encoder.image_token_id) == encoder.tokens_per_image * len(sample.images)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_inference_prompt_is_what_training_put_before_the_answer(encoders, family):
+    encoder = encoders[family]
+    for kind in ("single", "system", "multi_turn"):
+        sample = to_sample({"id": kind, **samples("</s>")[kind]}, "mem")
+        encoded = encoder.encode(sample)
+        first_trained_of_last_answer = len(encoded["labels"]) - len(trained_runs(encoded)[-1])
+        assert encoder.prompt_ids(sample.messages[:-1]) == encoded["input_ids"][:first_trained_of_last_answer], kind
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(GENERATION_PROMPT_DIFFERS)))
+def test_template_generation_prompt_matches_training(encoders, family):
+    """What plain transformers (and vLLM, lmms-eval) render with add_generation_prompt=True is the training prompt."""
+    encoder = encoders[family]
+    history = [Message("user", "<image>\nWhat colour is it?")]
+    text, spans, _ = encoder.trained_spans([*history, Message("assistant", "Red.", trained=True)], "probe")
+    # A space the template writes before the answer goes with the answer's first token ("[/INST] Red.").
+    assert encoder.render(history, add_generation_prompt=True).rstrip(" ") == text[:spans[0][0]].rstrip(" ")
+
+
+def test_system_text_is_folded_into_the_first_user_turn_where_the_template_has_no_system_role(encoders):
+    encoder = encoders["gemma2"]  # raises "System role not supported" on a system turn
+    assert not encoder.system_role
+    sample = to_sample({"id": "s", "conversations": turns(("Colour?", "Green"), system="Be brief.")}, "mem")
+    text, _, _ = encoder.trained_spans(sample.messages, sample.describe())
+    assert "<start_of_turn>user\nBe brief.\n\nColour?<end_of_turn>" in text
+    assert encoders["gemma3"].system_role and encoders["qwen2_5"].system_role
+
+
+def test_template_errors_name_the_sample_and_the_model(encoders):
+    sample = to_sample({"id": "two_users", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "human", "value": "Again"}, {"from": "gpt", "value": "Yes"}]},
+        "f.json[3]")
+    with pytest.raises(DataError, match=r"f.json\[3\] \(id 'two_users'\).*mixtral_v0_1.*rejected") as error:
+        encoders["mixtral_v0_1"].encode(sample)  # roles must alternate
+    assert error.value.kind == "template_error"
+
+
+def test_template_without_any_end_of_turn_and_no_eos_is_refused_before_training(tmp_path):
+    tokenizer = family_tokenizer("smollm2")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(str(tmp_path / "lm"))
+    processor = build_processor(ModelArguments(vision_model_name_or_path=save_vision_model(str(tmp_path / "v")),
+                                               language_model_name_or_path=str(tmp_path / "lm")))
+    with pytest.raises(ValueError, match="never learn to stop"):
+        ConversationEncoder(processor, max_length=512)
