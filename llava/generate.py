@@ -18,10 +18,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--prompt", required=True, help="The question.")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max_image_pixels", type=int,
+                        help="Downsize larger images (keeping aspect ratio) before the image processor, as training "
+                             "did with the same flag.")
     args = parser.parse_args(argv)
 
     model, processor = load_for_inference(args.model_name_or_path, args.dtype)
-    images = [load_image(args.image)] if args.image else []
+    images = [load_image(args.image, args.max_image_pixels)] if args.image else []
     content = (f"{processor.image_token}\n" if images else "") + args.prompt
     (answer,) = Answerer(model, processor, args.max_new_tokens).answer([[{"role": "user", "content": content}]],
                                                                        [images])
