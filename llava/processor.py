@@ -123,31 +123,38 @@ def apply_image_aspect_ratio(image_processor, mode: str | None):
     """The tower's image processor set up for `--image_aspect_ratio` (unchanged when None).
 
     - pad (LLaVA-1.5): expand to a square filled with the processor's mean colour, then the tower's own resize
-      and crop. That is transformers' `LlavaImageProcessor` with `do_pad`, so the checkpoint's
-      preprocessor_config.json makes plain transformers (4.x and 5.x) and vLLM preprocess the same way.
-    - crop: resize the shortest edge, then center-crop (CLIP's default); kept as is where the processor already
-      does this (CLIP, DINOv2), set up in the tower's own processor class otherwise (SigLIP).
-    - resize: squash the whole image to the input size, nothing cropped.
-    The input size stays what the processor gives today, so the tower sees the same number of patches.
+      and crop: transformers' `LlavaImageProcessor` with `do_pad`.
+    - crop: resize the shortest edge, then center-crop (CLIP's default). Kept as is where the processor already
+      does this (CLIP, DINOv2); otherwise (SigLIP) a `LlavaImageProcessor` does it, because SigLIP's own class
+      has no center crop in transformers 4.x and would fail there on a shortest-edge size.
+    - resize: squash the whole image to the input size, nothing cropped (the tower's own class, height/width size).
+    Either way the checkpoint's preprocessor_config.json makes plain transformers (4.x and 5.x) and vLLM
+    preprocess as training did. The input size stays what the processor gives today: same patch count.
     """
     if mode is None:
         return image_processor
     height, width = processed_image_size(image_processor)
     fields = {k: v for k, v in image_processor.to_dict().items() if k != "image_processor_type"}
     if mode == "pad":
-        carried = {k: fields[k] for k in _LLAVA_IMAGE_PROCESSOR_FIELDS if fields.get(k) is not None}
-        carried["do_center_crop"] = bool(carried.get("do_center_crop")) and "crop_size" in carried
-        return LlavaImageProcessor(**carried, do_pad=True)
+        return _llava_image_processor(fields, do_pad=True)
     if mode == "crop":
         if fields.get("do_center_crop") and "shortest_edge" in (fields.get("size") or {}):
             return image_processor
-        overrides = {"do_resize": True, "size": {"shortest_edge": max(height, width)}, "do_center_crop": True,
-                     "crop_size": {"height": height, "width": width}}
-    elif mode == "resize":
-        overrides = {"do_resize": True, "size": {"height": height, "width": width}, "do_center_crop": False}
-    else:
-        raise ValueError(f"--image_aspect_ratio must be pad, crop or resize, got {mode!r}.")
-    return type(image_processor).from_dict({**fields, **overrides})
+        return _llava_image_processor(fields, do_resize=True, size={"shortest_edge": max(height, width)},
+                                      do_center_crop=True, crop_size={"height": height, "width": width})
+    if mode == "resize":
+        overrides = {"do_resize": True, "size": {"height": height, "width": width}}
+        if "do_center_crop" in fields:  # a field the class knows (CLIP, BiT), not added to one that lacks it
+            overrides["do_center_crop"] = False
+        return type(image_processor).from_dict({**fields, **overrides})
+    raise ValueError(f"--image_aspect_ratio must be pad, crop or resize, got {mode!r}.")
+
+
+def _llava_image_processor(fields: dict, **overrides) -> LlavaImageProcessor:
+    """transformers' `LlavaImageProcessor` with a tower processor's normalisation, resize and crop `fields`."""
+    carried = {k: fields[k] for k in _LLAVA_IMAGE_PROCESSOR_FIELDS if fields.get(k) is not None}
+    carried["do_center_crop"] = bool(carried.get("do_center_crop")) and "crop_size" in carried
+    return LlavaImageProcessor(**{**carried, **overrides})
 
 
 def _read_chat_template(value: str) -> str:

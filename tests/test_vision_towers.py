@@ -147,15 +147,28 @@ def test_crop_cuts_the_sides_and_resize_keeps_them(parts, towers):
                                                                      ).image_processor.to_dict()
 
 
+# transformers 4.57's LlavaImageProcessor.__init__ arguments: a saved config must use no others.
+LLAVA_IMAGE_PROCESSOR_4X_FIELDS = {"do_pad", "do_resize", "size", "resample", "do_center_crop", "crop_size",
+                                   "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
+                                   "do_convert_rgb", "image_processor_type"}
+
+
+@pytest.mark.parametrize("name", ["dinov2", "siglip"])
 @pytest.mark.parametrize("mode", ["pad", "crop", "resize"])
-def test_aspect_ratio_survives_save_and_plain_reload(parts, towers, tmp_path, mode):
-    processor = build_processor(new_model_args(parts, towers["dinov2"], image_aspect_ratio=mode))
+def test_aspect_ratio_survives_save_and_plain_reload(parts, towers, tmp_path, name, mode):
+    processor = build_processor(new_model_args(parts, towers[name], image_aspect_ratio=mode))
     processor.save_pretrained(str(tmp_path))
     reloaded = AutoProcessor.from_pretrained(str(tmp_path))
     assert type(reloaded.image_processor) is type(processor.image_processor)
     image = wide_image()
     np.testing.assert_array_equal(pixels(reloaded, image), pixels(processor, image))
-    assert image_token_count(reloaded) == image_token_count(processor) == TOWERS["dinov2"][3]
+    assert image_token_count(reloaded) == image_token_count(processor) == TOWERS[name][3]
+    saved = reloaded.image_processor.to_dict()
+    expected_class = ("LlavaImageProcessor" if mode == "pad" or (mode, name) == ("crop", "siglip")
+                      else {"dinov2": "BitImageProcessor", "siglip": "SiglipImageProcessor"}[name])
+    assert saved["image_processor_type"] == expected_class
+    if expected_class == "LlavaImageProcessor":
+        assert set(saved) <= LLAVA_IMAGE_PROCESSOR_4X_FIELDS
 
 
 def test_aspect_ratio_is_refused_when_continuing_a_checkpoint(llava_checkpoint):
