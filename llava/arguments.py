@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16", "auto"]
 SELECT_STRATEGY_CHOICES = ["default", "full"]
+IMAGE_ASPECT_RATIO_CHOICES = ["pad", "crop", "resize"]
 QUANT_TYPE_CHOICES = ["nf4", "fp4"]
 # `--lora_target_modules` entries with this prefix name vision-tower modules; all others name LM modules.
 VISION_TARGET_PREFIX = "vision_tower."
@@ -38,8 +39,9 @@ class ModelArguments:
     )
     vision_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "CLIP/SigLIP vision checkpoint (a full CLIP/SigLIP checkpoint works too: its vision "
-                          "part is taken) with its image processor. Hub id or local folder."},
+        metadata={"help": "Vision checkpoint with its image processor: CLIP, SigLIP (also fixed-resolution SigLIP2), "
+                          "DINOv2 (with or without registers); a full CLIP/SigLIP checkpoint works too (its vision "
+                          "part is taken). SigLIP2 NaFlex is refused. Hub id or local folder."},
     )
     language_model_name_or_path: str | None = field(
         default=None,
@@ -50,9 +52,18 @@ class ModelArguments:
     )
     vision_feature_select_strategy: str | None = field(
         default=None,
-        metadata={"help": "'default' drops the CLS token, 'full' keeps all tokens. Unset: 'default' when the "
-                          "tower has a CLS token (CLIP), 'full' otherwise (SigLIP).",
+        metadata={"help": "'default' drops the first (CLS) token, 'full' keeps all tokens. Unset: 'default' when "
+                          "the tower has a CLS token (CLIP, DINOv2: its registers are kept), 'full' otherwise "
+                          "(SigLIP).",
                   "choices": SELECT_STRATEGY_CHOICES},
+    )
+    image_aspect_ratio: str | None = field(
+        default=None,
+        metadata={"help": "How a non-square image becomes the tower's square input: 'pad' (LLaVA-1.5: expand to a "
+                          "square filled with the image processor's mean colour, then process), 'crop' (resize the "
+                          "shortest edge, center-crop: CLIP's way), 'resize' (squash, nothing cropped). Unset: what "
+                          "the tower's image processor does. Saved in the checkpoint's image processor; only for a "
+                          "new model (a checkpoint keeps its own).", "choices": IMAGE_ASPECT_RATIO_CHOICES},
     )
     projector_hidden_act: str = field(
         default="gelu", metadata={"help": "Activation between the projector's two linear layers (LLaVA-1.5: gelu)."}
@@ -103,6 +114,12 @@ class ModelArguments:
                 "Give either --model_name_or_path (continue from a LLaVA checkpoint) or "
                 "--vision_model_name_or_path with --language_model_name_or_path (assemble a new model), not both."
             )
+        if self.model_name_or_path and self.image_aspect_ratio:
+            raise ValueError(
+                f"--image_aspect_ratio {self.image_aspect_ratio} sets up the image processor of a new model, but "
+                f"{self.model_name_or_path} keeps the preprocessing it was trained with (its "
+                "preprocessor_config.json). Drop the flag to continue as before, or assemble a new model with it."
+            )
         if not self.model_name_or_path and not all(parts):
             raise ValueError(
                 "No model given: pass --model_name_or_path DIR (a LLaVA checkpoint), or both "
@@ -147,6 +164,12 @@ class DataArguments:
         default=False,
         metadata={"help": "Accept absolute image paths and paths leaving --image_folder (off: data is untrusted)."},
     )
+    max_image_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Downsize (keeping the aspect ratio) images above this many pixels right after decoding, "
+                          "before the image processor: in training, sample logging and inference alike. Saves "
+                          "worker memory and time on huge photos. Unset: no limit (beyond PIL's ~89 MP refusal)."},
+    )
     sample_data_path: str | None = field(
         default=None,
         metadata={"help": "LLaVA .json of held-out questions: the first --num_logged_samples are answered at every "
@@ -162,6 +185,8 @@ class DataArguments:
             raise ValueError("--data_path is required: one or more LLaVA .json/.jsonl files, comma-separated.")
         if self.model_max_length <= 0:
             raise ValueError(f"--model_max_length must be positive, got {self.model_max_length}.")
+        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
+            raise ValueError(f"--max_image_pixels must be positive, got {self.max_image_pixels}.")
 
     @property
     def data_paths(self) -> list[str]:

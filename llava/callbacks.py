@@ -44,8 +44,10 @@ class SampleAnswersCallback(TrainerCallback):
     then every process must run the same forward passes, so all of them answer.
     """
 
-    def __init__(self, samples: list[Sample], image_folder: str | None, processor, max_new_tokens: int = 16):
+    def __init__(self, samples: list[Sample], image_folder: str | None, processor, max_new_tokens: int = 16,
+                 max_image_pixels: int | None = None):
         self.samples = samples
+        self.max_image_pixels = max_image_pixels
         self.image_folder = image_folder
         self.processor = processor
         self.max_new_tokens = max_new_tokens
@@ -54,7 +56,8 @@ class SampleAnswersCallback(TrainerCallback):
     def _log(self, args, state, model) -> None:
         if not self.samples or not (state.is_world_process_zero or is_sharded(model)):
             return
-        images = [[load_image(resolve_image_path(self.image_folder, p, s)) for p in s.images] for s in self.samples]
+        images = [[load_image(resolve_image_path(self.image_folder, p, s), self.max_image_pixels) for p in s.images]
+                  for s in self.samples]
         was_training = model.training
         model.eval()
         try:

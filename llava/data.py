@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -145,16 +146,31 @@ def resolve_image_path(image_folder: str | None, relative: str, sample: Sample,
     return path
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image as RGB, honouring EXIF orientation (phone photos) and flattening palette/alpha/grayscale.
+def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
+    """Open an image as RGB, honouring EXIF orientation (phone photos) and flattening palette/alpha/grayscale;
+    above `max_pixels` (--max_image_pixels) it is downsized, see `downsize_image`.
 
-    Images above PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`, ~89 MP) are refused as likely decompression
-    bombs rather than decoded.
+    Every reader of images (training data, the sample callback, inference) comes through here, so they all
+    preprocess alike. Images above PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`, ~89 MP) are refused as likely
+    decompression bombs rather than decoded.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
+            return downsize_image(ImageOps.exif_transpose(image).convert("RGB"), max_pixels)
+
+
+def downsize_image(image: Image.Image, max_pixels: int | None) -> Image.Image:
+    """`image` shrunk, keeping its aspect ratio, to at most `max_pixels` pixels (unchanged when within or None).
+
+    Why before the image processor: it resizes to a few hundred pixels anyway, but a 40 MP photo would first be
+    converted to float arrays (~500 MB) in a DataLoader worker.
+    """
+    if not max_pixels or image.width * image.height <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (image.width * image.height))
+    size = (max(1, math.floor(image.width * scale)), max(1, math.floor(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def check_image(path: str, sample: Sample) -> None:

@@ -24,13 +24,15 @@ class LlavaDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: list[Sample], encoded: list[dict[str, list[int]]], processor: ProcessorMixin,
-                 image_folder: str | None, allow_absolute_image_paths: bool = False, skip_invalid: bool = False):
+                 image_folder: str | None, allow_absolute_image_paths: bool = False, skip_invalid: bool = False,
+                 max_image_pixels: int | None = None):
         self.samples = samples
         self.encoded = encoded
         self.image_processor = processor.image_processor
         self.image_folder = image_folder
         self.allow_absolute_image_paths = allow_absolute_image_paths
         self.skip_invalid = skip_invalid
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -58,7 +60,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             for relative in sample.images:
                 path = resolve_image_path(self.image_folder, relative, sample, self.allow_absolute_image_paths)
                 try:
-                    images.append(load_image(path))
+                    images.append(load_image(path, self.max_image_pixels))
                 except (OSError, ValueError, SyntaxError, Warning) as error:
                     raise DataError(f"{sample.describe()}: cannot read image {path}: {error}",
                                     kind="corrupt_image") from None
@@ -68,7 +70,7 @@ class LlavaDataset(torch.utils.data.Dataset):
 
 def build_dataset(data_paths: list[str], processor: ProcessorMixin, max_length: int, image_folder: str | None,
                   skip_invalid: bool = False, allow_absolute_image_paths: bool = False,
-                  num_workers: int | None = None) -> LlavaDataset:
+                  num_workers: int | None = None, max_image_pixels: int | None = None) -> LlavaDataset:
     """Validate and tokenize every sample; refuse with the full report if any is invalid, unless `skip_invalid`,
     which drops them and logs how many were skipped and why."""
     result = validate(data_paths, processor, max_length, image_folder, allow_absolute_image_paths, num_workers)
@@ -80,4 +82,4 @@ def build_dataset(data_paths: list[str], processor: ProcessorMixin, max_length: 
     if not result.samples:
         raise DataError(f"no valid samples in {', '.join(data_paths)}.", kind="no_samples")
     return LlavaDataset(result.samples, result.encoded, processor, image_folder, allow_absolute_image_paths,
-                        skip_invalid)
+                        skip_invalid, max_image_pixels)

@@ -27,14 +27,15 @@ def normalize(answer: str) -> str:
 
 
 def evaluate(answerer: Answerer, samples: list[Sample], image_folder: str | None, batch_size: int = 16,
-             output_file: str | None = None) -> dict:
+             output_file: str | None = None, max_image_pixels: int | None = None) -> dict:
     """Answer every sample and return the accuracy overall and per `answer_type`."""
     correct, total = defaultdict(int), defaultdict(int)
     predictions = open(output_file, "w", encoding="utf-8") if output_file else None
     try:
         for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", unit="batch"):
             batch = samples[start: start + batch_size]
-            images = [[load_image(resolve_image_path(image_folder, path, s)) for path in s.images] for s in batch]
+            images = [[load_image(resolve_image_path(image_folder, path, s), max_image_pixels) for path in s.images]
+                      for s in batch]
             answers = answerer.answer([s.messages[:-1] for s in batch], images)
             for sample, answer in zip(batch, answers):
                 reference = sample.messages[-1].content
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples = evaluation_samples(args.data_path, args.max_samples)
     model, processor = load_for_inference(model_args.model_name_or_path, model_args.dtype)
     result = evaluate(Answerer(model, processor, args.max_new_tokens), samples, args.image_folder, args.batch_size,
-                      args.output_file)
+                      args.output_file, model_args.max_image_pixels)
     print(json.dumps(result))
     return result
 

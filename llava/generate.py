@@ -24,7 +24,7 @@ class GenerateArguments:
 def main(argv: list[str] | None = None) -> str:
     model_args, args = HfArgumentParser((InferenceArguments, GenerateArguments)).parse_args_into_dataclasses(argv)
     model, processor = load_for_inference(model_args.model_name_or_path, model_args.dtype)
-    images = [load_image(args.image)] if args.image else []
+    images = [load_image(args.image, model_args.max_image_pixels)] if args.image else []
     content = (f"{processor.image_token}\n" if images else "") + args.prompt
     (answer,) = Answerer(model, processor, args.max_new_tokens).answer([[Message("user", content)]],
                                                                        [images])

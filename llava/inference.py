@@ -22,6 +22,9 @@ class InferenceArguments:
         metadata={"help": "LLaVA checkpoint folder or hub id; a LoRA checkpoint-N is merged into its base first."})
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype for inference.",
                                                     "choices": ["float32", "bfloat16", "float16"]})
+    max_image_pixels: int | None = field(
+        default=None, metadata={"help": "Downsize larger images (keeping aspect ratio) before the image processor, "
+                                        "as training did with the same flag."})
 
 
 def load_for_inference(path: str, dtype: str = "float32"):

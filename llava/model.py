@@ -1,6 +1,6 @@
 """The LLaVA model: assembly from a vision tower and a causal LM, loading, freezing, and a loss on trained tokens.
 
-Layout (transformers 5.x): `model.model.vision_tower` (CLIP/SigLIP vision model),
+Layout (transformers 5.x): `model.model.vision_tower` (CLIP/SigLIP/DINOv2 vision model),
 `model.model.multi_modal_projector` (linear_1 -> act -> linear_2), `model.model.language_model` (the LM's
 decoder, no head) and `model.lm_head`. Checkpoints are plain `llava` checkpoints.
 

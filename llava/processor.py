@@ -14,7 +14,7 @@ import os
 import torch
 from PIL import Image
 from transformers import (AddedToken, AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer,
-                          LlavaProcessor, ProcessorMixin)
+                          LlavaImageProcessor, LlavaProcessor, ProcessorMixin)
 
 from llava.arguments import ModelArguments
 
@@ -47,21 +47,114 @@ _STRUCTURED_CONTENT_PREAMBLE = (
 
 
 
+# Vision-model types LLaVA cannot host: why, and what to use instead.
+_UNHOSTABLE_TOWERS = {
+    "siglip2_vision_model": (
+        "SigLIP2 NaFlex towers cut each image into a variable number of patches at its own aspect ratio, but "
+        "LLaVA expands one image token into a fixed number of tokens. Use a fixed-resolution SigLIP or SigLIP2 "
+        "checkpoint instead (config model_type 'siglip', e.g. google/siglip2-base-patch16-224 or "
+        "google/siglip-so400m-patch14-384)."
+    ),
+}
+
+
 def tower_config(vision_path: str, trust_remote_code: bool = False):
-    """The vision config of a vision-only checkpoint, or the vision part of a full CLIP/SigLIP one."""
+    """The vision config of a vision-only checkpoint, or the vision part of a full CLIP/SigLIP one.
+
+    Towers LLaVA cannot host are refused here, before any weights or data load.
+    """
     config = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
-    return getattr(config, "vision_config", config)
+    vision_config = getattr(config, "vision_config", None) or config
+    if vision_config.model_type in _UNHOSTABLE_TOWERS:
+        raise ValueError(f"Unsupported vision tower {vision_path} (model_type {vision_config.model_type!r}): "
+                         f"{_UNHOSTABLE_TOWERS[vision_config.model_type]}")
+    return vision_config
 
 
-def _extra_vision_tokens(vision_config) -> int:
-    """Tokens the tower emits beside its patches (CLIP: 1 CLS, SigLIP: 0), read off a weightless copy."""
+def _extra_vision_tokens(vision_config, height: int, width: int) -> int:
+    """Tokens the tower emits beside its patches (CLIP: 1 CLS; SigLIP: 0; DINOv2: 1 CLS, plus its registers).
+
+    Counted on a forward pass of a weightless (meta-device) copy at the size the image processor gives, so no
+    family's layout is assumed, and towers that interpolate their position embeddings to the input (DINOv2:
+    configured for 518 pixels, fed 224-pixel crops) are counted at the size they really see.
+    """
+    patch = vision_config.patch_size
     with torch.device("meta"):
         tower = AutoModel.from_config(vision_config)
-    for module in tower.modules():
-        if hasattr(module, "num_positions") and hasattr(module, "num_patches"):
-            return int(module.num_positions - module.num_patches)
-    raise ValueError(f"Unsupported vision tower {type(tower).__name__}: expected CLIP/SigLIP-style patch embeddings "
-                     "(num_patches, num_positions).")
+        try:
+            output = tower(pixel_values=torch.zeros(1, vision_config.num_channels, height, width),
+                           output_hidden_states=True)
+        except Exception as error:
+            raise ValueError(f"The vision tower {type(tower).__name__} cannot take the {height}x{width} images its "
+                             f"image processor gives ({error}). LLaVA needs a fixed-size tower whose image "
+                             "processor matches it.") from error
+    if not getattr(output, "hidden_states", None):
+        raise ValueError(f"Unsupported vision tower {type(tower).__name__}: it returns no hidden states to "
+                         "project.")
+    extra = output.hidden_states[-1].shape[1] - (height // patch) * (width // patch)
+    if extra < 0:
+        raise ValueError(f"Unsupported vision tower {type(tower).__name__}: it emits fewer tokens than "
+                         f"({height}/{patch}) x ({width}/{patch}) patches (pooled or merged patches).")
+    return int(extra)
+
+
+def processed_image_size(image_processor) -> tuple[int, int]:
+    """(height, width) of the pixel values the image processor gives, read off a wide and a tall image.
+
+    Why both: a processor that keeps the aspect ratio without cropping gives each image its own size, hence its
+    own token count, which LLaVA cannot stack into a batch; it is refused with the fix.
+    """
+    sizes = {tuple(image_processor(images=[Image.new("RGB", size)], return_tensors="pt")["pixel_values"].shape[-2:])
+             for size in ((96, 48), (48, 96))}
+    if len(sizes) != 1:
+        raise ValueError(f"The image processor ({type(image_processor).__name__}) gives images of different sizes "
+                         f"{sorted(sizes)} depending on their aspect ratio; LLaVA needs one fixed size. Pass "
+                         "--image_aspect_ratio pad, crop or resize.")
+    height, width = sizes.pop()
+    return int(height), int(width)
+
+
+# Fields of a tower's image processor that carry over into transformers' LlavaImageProcessor for `pad`.
+_LLAVA_IMAGE_PROCESSOR_FIELDS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
+                                 "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+
+def apply_image_aspect_ratio(image_processor, mode: str | None):
+    """The tower's image processor set up for `--image_aspect_ratio` (unchanged when None).
+
+    - pad (LLaVA-1.5): expand to a square filled with the processor's mean colour, then the tower's own resize
+      and crop: transformers' `LlavaImageProcessor` with `do_pad`.
+    - crop: resize the shortest edge, then center-crop (CLIP's default). Kept as is where the processor already
+      does this (CLIP, DINOv2); otherwise (SigLIP) a `LlavaImageProcessor` does it, because SigLIP's own class
+      has no center crop in transformers 4.x and would fail there on a shortest-edge size.
+    - resize: squash the whole image to the input size, nothing cropped (the tower's own class, height/width size).
+    Either way the checkpoint's preprocessor_config.json makes plain transformers (4.x and 5.x) and vLLM
+    preprocess as training did. The input size stays what the processor gives today: same patch count.
+    """
+    if mode is None:
+        return image_processor
+    height, width = processed_image_size(image_processor)
+    fields = {k: v for k, v in image_processor.to_dict().items() if k != "image_processor_type"}
+    if mode == "pad":
+        return _llava_image_processor(fields, do_pad=True)
+    if mode == "crop":
+        if fields.get("do_center_crop") and "shortest_edge" in (fields.get("size") or {}):
+            return image_processor
+        return _llava_image_processor(fields, do_resize=True, size={"shortest_edge": max(height, width)},
+                                      do_center_crop=True, crop_size={"height": height, "width": width})
+    if mode == "resize":
+        overrides = {"do_resize": True, "size": {"height": height, "width": width}}
+        if "do_center_crop" in fields:  # a field the class knows (CLIP, BiT), not added to one that lacks it
+            overrides["do_center_crop"] = False
+        return type(image_processor).from_dict({**fields, **overrides})
+    raise ValueError(f"--image_aspect_ratio must be pad, crop or resize, got {mode!r}.")
+
+
+def _llava_image_processor(fields: dict, **overrides) -> LlavaImageProcessor:
+    """transformers' `LlavaImageProcessor` with a tower processor's normalisation, resize and crop `fields`."""
+    carried = {k: fields[k] for k in _LLAVA_IMAGE_PROCESSOR_FIELDS if fields.get(k) is not None}
+    carried["do_center_crop"] = bool(carried.get("do_center_crop")) and "crop_size" in carried
+    return LlavaImageProcessor(**{**carried, **overrides})
 
 
 def _read_chat_template(value: str) -> str:
@@ -104,14 +197,15 @@ def build_processor(args: ModelArguments) -> LlavaProcessor:
             "Pass one with --chat_template (a Jinja string or a .jinja file), or use an instruct model."
         )
     vision_config = tower_config(args.vision_model_name_or_path, args.trust_remote_code)
-    extra_tokens = _extra_vision_tokens(vision_config)
+    image_processor = AutoImageProcessor.from_pretrained(args.vision_model_name_or_path,
+                                                         trust_remote_code=args.trust_remote_code)
+    image_processor = apply_image_aspect_ratio(image_processor, args.image_aspect_ratio)
+    extra_tokens = _extra_vision_tokens(vision_config, *processed_image_size(image_processor))
     strategy = args.vision_feature_select_strategy or ("default" if extra_tokens > 0 else "full")
     if strategy == "default" and extra_tokens == 0:
         logger.warning("vision_feature_select_strategy='default' drops the first token, but %s has no CLS token: "
                        "a real patch is dropped. Use --vision_feature_select_strategy full.",
                        args.vision_model_name_or_path)
-    image_processor = AutoImageProcessor.from_pretrained(args.vision_model_name_or_path,
-                                                         trust_remote_code=args.trust_remote_code)
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
         vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
@@ -121,9 +215,7 @@ def build_processor(args: ModelArguments) -> LlavaProcessor:
 
 def image_token_count(processor: ProcessorMixin) -> int:
     """How many tokens one image placeholder becomes, by asking the processor itself (fixed-size towers)."""
-    size = processor.image_processor.crop_size or processor.image_processor.size
-    height = size.get("height") or size.get("shortest_edge")
-    width = size.get("width") or size.get("shortest_edge")
+    height, width = processed_image_size(processor.image_processor)
     encoded = processor(text=processor.image_token, images=[Image.new("RGB", (width, height))])
     return int(sum(1 for i in encoded["input_ids"][0] if i == processor.image_token_id))
 

@@ -57,13 +57,14 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     processor = load_processor(model_args)
     train_dataset = build_dataset(data_args.data_paths, processor, data_args.model_max_length, data_args.image_folder,
                                   skip_invalid=data_args.skip_invalid_samples,
-                                  allow_absolute_image_paths=data_args.allow_absolute_image_paths)
+                                  allow_absolute_image_paths=data_args.allow_absolute_image_paths,
+                                  max_image_pixels=data_args.max_image_pixels)
     logger.info("%d training samples from %s", len(train_dataset), ", ".join(data_args.data_paths))
     callbacks = list(callbacks or [])
     if data_args.sample_data_path:
         samples = load_samples([data_args.sample_data_path])[: data_args.num_logged_samples]
         callbacks.append(SampleAnswersCallback(samples, data_args.sample_image_folder or data_args.image_folder,
-                                               processor))
+                                               processor, max_image_pixels=data_args.max_image_pixels))
 
     trainer = LlavaTrainer(
         model=build_model(model_args, training_args, processor), args=training_args, train_dataset=train_dataset,
