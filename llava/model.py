@@ -89,6 +89,8 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
                                                          self)
         kwargs["save_original_format"] = False  # names are final: no reversal of load-time renamings
         super().save_pretrained(save_directory, *args, state_dict=hub_state_dict(self, state_dict), **kwargs)
+        if kwargs.get("is_main_process", True):
+            _add_legacy_rope_fields(os.path.join(save_directory, "config.json"))
 
     def post_init(self) -> None:
         """Keep only the no-split (FSDP wrap) layer classes that exist in this model.
@@ -218,6 +220,25 @@ def hub_state_dict(model: transformers.LlavaForConditionalGeneration, state_dict
             raise ValueError(f"Cannot save {key!r}: not part of the vision tower, projector, LM or lm_head.")
         renamed[prefixes[prefix] + key[len(prefix):]] = value
     return renamed
+
+
+def _add_legacy_rope_fields(config_path: str) -> None:
+    """Repeat the LM's `rope_parameters` as `rope_theta`/`rope_scaling`, the fields transformers 4.x reads.
+
+    Why: 4.x ignores `rope_parameters` and silently uses its default base (10000), so a Qwen2 (1e6) or Llama 3
+    (500000) LM would load with the wrong rotary frequencies. transformers 5.x reads the legacy fields too.
+    """
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    rope = config["text_config"].get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:  # absent, or one entry per layer type
+        return
+    config["text_config"]["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        config["text_config"]["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def _check_loading_info(info: dict, model: PreTrainedModel, path) -> None:

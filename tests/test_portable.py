@@ -49,9 +49,9 @@ def consumer_python() -> str:
 
 
 def tied_lm_with_backend_tokenizer(path: str) -> str:
-    """A tied-embeddings LM whose tokenizer_config names "TokenizersBackend", as transformers 5.x writes for most
-    hub tokenizers (the class 4.x cannot import)."""
-    save_language_model(path, tie=True)
+    """A tied-embeddings LM with Qwen2's rotary base (1e6; 4.x's default is 1e4) whose tokenizer_config names
+    "TokenizersBackend", as transformers 5.x writes for most hub tokenizers (the class 4.x cannot import)."""
+    save_language_model(path, tie=True, rope_theta=1e6)
     config_path = os.path.join(path, "tokenizer_config.json")
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
