@@ -138,9 +138,12 @@ def end_of_turn_token_ids(processor: ProcessorMixin) -> list[int]:
     Llama 3: `<|eot_id|>`), found by rendering a one-turn conversation with a sentinel answer; empty when the
     template ends a turn with plain text only."""
     tokenizer = processor.tokenizer
-    rendered = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": _ANSWER_SENTINEL}]}], tokenize=False)
+    # Plain-string content: the form every LM template takes (ours also take structured content).
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _ANSWER_SENTINEL}],
+        chat_template=processor.chat_template, tokenize=False)
+    if _ANSWER_SENTINEL not in rendered:
+        return []
     after = rendered[rendered.index(_ANSWER_SENTINEL) + len(_ANSWER_SENTINEL):]
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]

@@ -18,8 +18,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llava.model import LlavaForConditionalGeneration, load_llava
 from llava.arguments import ModelArguments
+from llava.model import LlavaForConditionalGeneration, load_llava
+from llava.processor import save_processor
 from llava.train import main
 from tests.portable_consumer import consume
 from tests.tiny_parts import save_language_model
@@ -174,3 +175,15 @@ def test_a_missing_weight_fails(llava_checkpoint, tmp_path):
     folder = rewrite_tensors(llava_checkpoint, tmp_path / "missing", drop={"model.multi_modal_projector.linear_2.bias"})
     with pytest.raises(ValueError, match=r"1 weights missing \(e\.g\. \['model\.multi_modal_projector\.linear_2\.bias'"):
         LlavaForConditionalGeneration.from_pretrained(folder)
+
+
+def test_generation_stops_at_the_templates_end_of_turn(llava_checkpoint, tmp_path):
+    """An LM whose EOS is not the end-of-turn token (as Llama 3's <|end_of_text|> vs <|eot_id|>) gets both."""
+    processor = transformers.AutoProcessor.from_pretrained(llava_checkpoint)
+    processor.tokenizer.eos_token = "<|endoftext|>"
+    LlavaForConditionalGeneration.from_pretrained(llava_checkpoint).save_pretrained(tmp_path)
+    save_processor(processor, str(tmp_path))
+    generation = read_json(str(tmp_path), "generation_config.json")
+    tokens = processor.tokenizer.convert_ids_to_tokens(generation["eos_token_id"])
+    assert set(tokens) == {"<|endoftext|>", "<|im_end|>"}
+    assert generation["pad_token_id"] == processor.tokenizer.pad_token_id
