@@ -49,6 +49,7 @@ _HUB_PREFIXES = {"model.language_model.": "language_model.model.", "lm_head.": "
 _FROM_HUB = {r"^language_model\.model\.": "model.language_model.", r"^language_model\.lm_head\.": "lm_head.",
              r"^vision_tower\.": "model.vision_tower.", r"^multi_modal_projector\.": "model.multi_modal_projector."}
 
+
 class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
     """transformers' LLaVA with a training loss computed only where labels are not -100.
 
