@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # importing Trainer costs ~90 MB, which `python -m llava.merg
 from llava.arguments import VISION_TARGET_PREFIX, LlavaTrainingArguments, ModelArguments
 from llava.model import (LlavaForConditionalGeneration, assemble_llava, linear_layer_names, load_llava,
                          module_name, quantization_config)
+from llava.processor import save_processor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SUBFOLDER = "adapter"  # where a merged LoRA output keeps its adapter
@@ -110,7 +111,7 @@ def load_lora_model(model_args: ModelArguments, training_args: LlavaTrainingArgu
         with training_args.main_process_first(desc="saving the base model for the adapters"):
             if training_args.should_save:
                 model.save_pretrained(base_path)
-                processor.save_pretrained(base_path)
+                save_processor(processor, base_path)
         if quantization is not None:
             del model
             gc.collect()

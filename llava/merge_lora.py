@@ -5,8 +5,9 @@
 `--checkpoint` is an adapter checkpoint (checkpoint-N of a LoRA run, or a run's output_dir written with
 `--merge_lora False`) or a merged run's output_dir (its `adapter/` is used). The adapters are added to the
 base model named in adapter_config.json, reloaded unquantized in float32 even after QLoRA, so every weight that
-did not train is bitwise the base's. The result has no quantization config, includes the processor, and loads
-with `transformers.LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`.
+did not train is bitwise the base's. The result has no quantization config, includes the processor, holds the llava-hf
+tensor names and loads with `transformers.LlavaForConditionalGeneration.from_pretrained` and
+`AutoProcessor.from_pretrained` (transformers 4.x and 5.x).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import HfArgumentParser
 
 from llava.arguments import DTYPE_CHOICES
 from llava.lora import load_merged_model
+from llava.processor import save_processor
 
 logger = logging.getLogger("llava")
 
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> str:
                         stream=sys.stdout)
     model, processor = load_merged_model(args.checkpoint, getattr(torch, args.dtype), args.base_model_name_or_path)
     model.save_pretrained(args.output_dir)
-    processor.save_pretrained(args.output_dir)
+    save_processor(processor, args.output_dir)
     logger.info("Merged %s into %s", args.checkpoint, args.output_dir)
     return args.output_dir
 

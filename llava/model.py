@@ -1,8 +1,11 @@
 """The LLaVA model: assembly from a vision tower and a causal LM, loading, freezing, and a loss on trained tokens.
 
-Layout (transformers 5.x): `model.model.vision_tower` (CLIP/SigLIP/DINOv2 vision model),
+Layout in memory (transformers 5.x): `model.model.vision_tower` (CLIP/SigLIP/DINOv2 vision model),
 `model.model.multi_modal_projector` (linear_1 -> act -> linear_2), `model.model.language_model` (the LM's
-decoder, no head) and `model.lm_head`. Checkpoints are plain `llava` checkpoints.
+decoder, no head) and `model.lm_head`. On disk every save writes the llava-hf layout that the hub checkpoints,
+transformers 4.x, vLLM and SGLang use (`language_model.model.*`, `language_model.lm_head.*`,
+`vision_tower.vision_model.*` for CLIP/SigLIP, `multi_modal_projector.*`), see `hub_state_dict`; loading accepts
+that, the in-memory names and what earlier versions of this project wrote, and fails on anything else.
 
 QLoRA loads a LLaVA checkpoint with only the LM decoder's linear layers in 4-/8-bit (`load_llava(...,
 quantization=quantization_config(...))`); everything else stays in full precision.
@@ -22,7 +25,10 @@ from safetensors import safe_open
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
                           BitsAndBytesConfig, GenerationConfig, LlavaConfig,
                           LlavaProcessor, PreTrainedModel, ProcessorMixin)
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers.core_model_loading import PrefixChange
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
@@ -33,6 +39,16 @@ logger = logging.getLogger(__name__)
 
 # Shorter shared prefixes are computed per row: the extra batch-1 pass would cost more than it saves.
 _MIN_SHARED_PREFIX = 8
+
+# In-memory (5.x) prefix -> llava-hf name on disk. The vision tower's entry gets the tower class's own legacy
+# prefix (`vision_model.` for CLIP/SigLIP), see `_hub_tower_prefix`.
+_HUB_PREFIXES = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+                 "model.multi_modal_projector.": "multi_modal_projector.", "model.vision_tower.": "vision_tower."}
+# llava-hf name -> in-memory name, for loading (`from_pretrained(key_mapping=...)`). transformers' own mapping of the
+# tower class then drops `vision_model.` where the 5.x class has no such submodule.
+_FROM_HUB = {r"^language_model\.model\.": "model.language_model.", r"^language_model\.lm_head\.": "lm_head.",
+             r"^vision_tower\.": "model.vision_tower.", r"^multi_modal_projector\.": "model.multi_modal_projector."}
+
 
 class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
     """transformers' LLaVA with a training loss computed only where labels are not -100.
@@ -46,6 +62,36 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
     Likewise, the leading tokens that every sample of a batch shares (system prompt, user header) go through
     the LM once per batch instead of once per row (see `_shared_prefix_length`).
     """
+
+    @classmethod
+    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, output_loading_info: bool = False,
+                        **kwargs):
+        """transformers' `from_pretrained` that also reads the llava-hf layout, and never returns a partly random model.
+
+        Why: transformers treats this class as custom code (it lives outside the library), so it skips Llava's own
+        renaming of llava-hf names; `key_mapping` brings it back. Names of earlier saves of this project
+        (`model.language_model.model.*`) are mapped by the LM's own transformers mapping, as before. transformers
+        only warns about missing or unexpected weights and initialises them randomly; this raises instead.
+        """
+        model, info = super().from_pretrained(*args, key_mapping={**_FROM_HUB, **(key_mapping or {})},
+                                              output_loading_info=True, **kwargs)
+        _check_loading_info(info, model, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return (model, info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs) -> None:
+        """transformers' `save_pretrained`, writing the llava-hf tensor names (`hub_state_dict`).
+
+        Why: as custom code, this class would be saved under whatever names transformers' mappings of the model's
+        parts produce (e.g. `model.language_model.model.layers.*`), which transformers 4.x and vLLM do not load.
+        Every save of the project (Trainer's final and checkpoint saves, FSDP/ZeRO-3 consolidated state dicts,
+        LoRA bases and merges) comes through here. Tied weights (lm_head = embeddings) are left out, as upstream.
+        """
+        state_dict = remove_tied_weights_from_state_dict(self.state_dict() if state_dict is None else state_dict,
+                                                         self)
+        kwargs["save_original_format"] = False  # names are final: no reversal of load-time renamings
+        super().save_pretrained(save_directory, *args, state_dict=hub_state_dict(self, state_dict), **kwargs)
+        if kwargs.get("is_main_process", True):
+            _add_legacy_rope_fields(os.path.join(save_directory, "config.json"))
 
     def post_init(self) -> None:
         """Keep only the no-split (FSDP wrap) layer classes that exist in this model.
@@ -152,6 +198,66 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
             pixel_values=blank, vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy).pooler_output
         return 0.0 * features[0].sum()
+
+
+def _hub_tower_prefix(model: transformers.LlavaForConditionalGeneration) -> str:
+    """`vision_tower.` plus the legacy prefix the tower's class dropped in transformers 5.x (CLIP, SigLIP:
+    `vision_model.`), read off transformers' own load-time mapping of that class; DINOv2-style towers have none."""
+    mapping = get_checkpoint_conversion_mapping(type(model.model.vision_tower).__name__) or []
+    dropped = [t.prefix_to_remove for t in mapping if isinstance(t, PrefixChange) and t.prefix_to_remove
+               and not t.model_prefix]
+    return "vision_tower." + "".join(prefix + "." for prefix in dropped)
+
+
+def hub_state_dict(model: transformers.LlavaForConditionalGeneration, state_dict: dict) -> dict:
+    """`state_dict` (in-memory names) under the llava-hf names, whatever the LM family: the decoder's own names
+    go under `language_model.model.`, as in transformers 4.x's Llava (whose language model is `AutoModel` of the
+    text config)."""
+    prefixes = {**_HUB_PREFIXES, "model.vision_tower.": _hub_tower_prefix(model)}
+    renamed = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"Cannot save {key!r}: not part of the vision tower, projector, LM or lm_head.")
+        renamed[prefixes[prefix] + key[len(prefix):]] = value
+    return renamed
+
+
+def _add_legacy_rope_fields(config_path: str) -> None:
+    """Repeat the LM's `rope_parameters` as `rope_theta`/`rope_scaling`, the fields transformers 4.x reads.
+
+    Why: 4.x ignores `rope_parameters` and silently uses its default base (10000), so a Qwen2 (1e6) or Llama 3
+    (500000) LM would load with the wrong rotary frequencies. transformers 5.x reads the legacy fields too.
+    """
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    rope = config["text_config"].get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:  # absent, or one entry per layer type
+        return
+    config["text_config"]["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        config["text_config"]["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _check_loading_info(info: dict, model: PreTrainedModel, path) -> None:
+    """Raise unless every weight of `model` came from the checkpoint (tied weights excepted) and every tensor of the
+    checkpoint found its place."""
+    tied = set(model.all_tied_weights_keys)
+    missing = sorted(set(info["missing_keys"]) - tied)
+    unexpected = sorted(info["unexpected_keys"])
+    mismatched = [key for key, *_ in info.get("mismatched_keys", [])]
+    problems = [f"{len(names)} {what} (e.g. {names[:5]})" for what, names in [
+        ("tensors with unknown names", unexpected), ("weights missing", missing),
+        ("weights with the wrong shape", mismatched)] if names]
+    if problems:
+        raise ValueError(
+            f"{path} is not a LLaVA checkpoint this model loads completely: {'; '.join(problems)}. Known tensor "
+            "name layouts: llava-hf (language_model.model.*, language_model.lm_head.*, vision_tower.*, "
+            "multi_modal_projector.*), transformers 5.x (model.language_model.*, lm_head.*, model.vision_tower.*, "
+            "model.multi_modal_projector.*) and earlier train_llava saves.")
 
 
 def _multi_process() -> bool:

@@ -8,6 +8,7 @@ so data can be checked against a 7B model's processor in seconds.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -43,6 +44,8 @@ _STRUCTURED_CONTENT_PREAMBLE = (
     "{%- set messages = _flat.messages -%}"
 )
 
+# Stands in for an assistant answer when reading off which token the chat template ends a turn with.
+_ANSWER_SENTINEL = "Sentinel answer 8472"
 
 
 
@@ -231,3 +234,59 @@ def load_processor(args: ModelArguments) -> ProcessorMixin:
     return processor
 
 
+# --------------------------------------------------------------------------------------------- saving
+
+def end_of_turn_token_ids(processor: ProcessorMixin) -> list[int]:
+    """The special token(s) the chat template writes right after an assistant answer (ChatML: `<|im_end|>`,
+    Llama 3: `<|eot_id|>`), found by rendering a one-turn conversation with a sentinel answer; empty when the
+    template ends a turn with plain text only."""
+    tokenizer = processor.tokenizer
+    # Plain-string content: the form every LM template takes (ours also take structured content).
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _ANSWER_SENTINEL}],
+        chat_template=processor.chat_template, tokenize=False)
+    if _ANSWER_SENTINEL not in rendered:
+        return []
+    after = rendered[rendered.index(_ANSWER_SENTINEL) + len(_ANSWER_SENTINEL):]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    return [next(i for i in ids if i in special)] if any(i in special for i in ids) else []
+
+
+def save_processor(processor: ProcessorMixin, folder: str) -> None:
+    """Write `processor` into a model folder so that transformers 4.x and 5.x, vLLM, SGLang and lmms-eval all read it,
+    and make the folder's generation config stop where the chat template ends a turn.
+
+    transformers 5.x alone would leave three gaps: `tokenizer_class` "TokenizersBackend" (4.x cannot import it;
+    "PreTrainedTokenizerFast" reads the same tokenizer.json there and is the same class in 5.x), the image
+    processor only inside processor_config.json (older readers look for preprocessor_config.json), and a
+    generation config whose `eos_token_id` is the LM's EOS only, so generation runs past `<|im_end|>`-style
+    end-of-turn tokens. The chat template written is the processor's, i.e. the one training used.
+    """
+    processor.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    tokenizer_config = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        _update_json(tokenizer_config, lambda c: c.update(tokenizer_class="PreTrainedTokenizerFast")
+                     if c.get("tokenizer_class", "").endswith("Backend") else None)
+    generation_config = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(generation_config):
+        _update_json(generation_config, lambda c: _stop_at_end_of_turn(c, processor))
+
+
+def _stop_at_end_of_turn(generation_config: dict, processor: ProcessorMixin) -> None:
+    eos = generation_config.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    stops = [processor.tokenizer.eos_token_id, *eos, *end_of_turn_token_ids(processor)]
+    stops = list(dict.fromkeys(i for i in stops if i is not None))
+    generation_config["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    generation_config["pad_token_id"] = processor.tokenizer.pad_token_id
+
+
+def _update_json(path: str, update) -> None:
+    with open(path, encoding="utf-8") as f:
+        values = json.load(f)
+    update(values)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(values, f, indent=2, sort_keys=True)
+        f.write("\n")

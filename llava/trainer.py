@@ -19,6 +19,7 @@ from llava.checkpoints import mark_complete, remove_checkpoint, resolve_resume_c
 from llava.dataset import LlavaDataset
 from llava.model import components, parameter_table
 from llava.preemption import PreemptionCallback
+from llava.processor import save_processor
 
 TRAINING_ARGS_JSON = "training_args.json"
 
@@ -104,11 +105,14 @@ class LlavaTrainer(Trainer):
             self.args.save_total_limit, self._deferred_save_total_limit = self._deferred_save_total_limit, None
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Trainer's save of weights, config and processor, with the training arguments as JSON: transformers
-        pickles them to training_args.bin, and nothing we write should need unpickling to read."""
+        """Trainer's save of weights (llava-hf names, see `LlavaForConditionalGeneration.save_pretrained`), config
+        and processor, the processor rewritten by `save_processor` so transformers 4.x and serving stacks read it too,
+        with the training arguments as JSON: transformers pickles them to training_args.bin, and nothing we write
+        should need unpickling to read."""
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
+            save_processor(self.processing_class, output_dir)
             values = self.args.to_dict()
             if self._deferred_save_total_limit is not None:
                 values["save_total_limit"] = self._deferred_save_total_limit
@@ -127,9 +131,9 @@ class LlavaTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """Load checkpoint-N's full weights through `from_pretrained`, strictly.
 
-        Why: Trainer loads them with a raw `load_state_dict`, but transformers 5.x saves LLaVA under its original
-        key names (`model.language_model.model.*`) that only `from_pretrained` maps back. The raw load misses
-        every LM weight, merely warns, and the run resumes from the LM it started with (transformers #43701).
+        Why: Trainer loads them with a raw `load_state_dict`, but checkpoints hold the llava-hf names
+        (`language_model.model.*`), or earlier saves' names, that only `from_pretrained` maps back. The raw load
+        misses every LM weight, merely warns, and the run resumes from the LM it started with (transformers #43701).
         Adapter checkpoints (peft models) and FSDP go through Trainer's own loading.
         """
         target = self.model if model is None else model

@@ -28,11 +28,11 @@ def llava_checkpoint(parts):
     """An assembled, untrained LLaVA checkpoint folder (weights + processor), as a user's stage output."""
     from llava.arguments import ModelArguments
     from llava.model import load_model
-    from llava.processor import load_processor
+    from llava.processor import load_processor, save_processor
 
     args = ModelArguments(vision_model_name_or_path=parts["vision"], language_model_name_or_path=parts["lm"])
     processor = load_processor(args)
     path = str(parts["root"] / "llava")
     load_model(args, processor).save_pretrained(path)
-    processor.save_pretrained(path)
+    save_processor(processor, path)
     return path
