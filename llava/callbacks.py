@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-from torch.distributed.tensor import DTensor
 from torch.utils.tensorboard import SummaryWriter
 from transformers import TrainerCallback
 
 from llava.data import Sample, load_image, resolve_image_path
 from llava.inference import Answerer
+from llava.model import parameters_sharded
 
 CARD_WIDTH, IMAGE_SIDE, LINE_HEIGHT = 320, 160, 14
 
@@ -26,13 +25,6 @@ def sample_card(image: Image.Image | None, lines: list[str]) -> Image.Image:
     for row, line in enumerate(lines):
         draw.text((4, IMAGE_SIDE + 4 + row * LINE_HEIGHT), line[:52], fill="black")
     return card
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether the weights are split across processes (FSDP2's DTensors, DeepSpeed ZeRO-3's partitioned parameters),
-    so that every process must take part in each forward pass."""
-    param = next(model.parameters())
-    return isinstance(param, DTensor) or hasattr(param, "ds_id")
 
 
 class SampleAnswersCallback(TrainerCallback):
@@ -54,7 +46,7 @@ class SampleAnswersCallback(TrainerCallback):
         self.writer = None
 
     def _log(self, args, state, model) -> None:
-        if not self.samples or not (state.is_world_process_zero or is_sharded(model)):
+        if not self.samples or not (state.is_world_process_zero or parameters_sharded(model)):
             return
         images = [[load_image(resolve_image_path(self.image_folder, p, s), self.max_image_pixels) for p in s.images]
                   for s in self.samples]

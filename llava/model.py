@@ -25,8 +25,8 @@ from safetensors import safe_open
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
                           BitsAndBytesConfig, GenerationConfig, LlavaConfig,
                           LlavaProcessor, PreTrainedModel, ProcessorMixin)
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-from transformers.core_model_loading import PrefixChange
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
+from transformers.core_model_loading import PrefixChange, revert_weight_conversion
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -173,7 +173,7 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         weights collectively, and a rank running an extra prefix pass would fall out of step with the others."""
         return not (self.is_activation_checkpointing or (self.training and self._has_active_dropout())
                     or any(kwargs.get(name) is not None for name in ("inputs_embeds", "cache", "position_ids"))
-                    or (_multi_process() and _parameters_sharded(self)))
+                    or (_multi_process() and parameters_sharded(self)))
 
     def _has_active_dropout(self) -> bool:
         text_config = self.config.text_config
@@ -212,15 +212,41 @@ def _hub_tower_prefix(model: transformers.LlavaForConditionalGeneration) -> str:
 def hub_state_dict(model: transformers.LlavaForConditionalGeneration, state_dict: dict) -> dict:
     """`state_dict` (in-memory names) under the llava-hf names, whatever the LM family: the decoder's own names
     go under `language_model.model.`, as in transformers 4.x's Llava (whose language model is `AutoModel` of the
-    text config)."""
+    text config). The tower's and the LM's tensors are first written as transformers 4.x laid them out for their
+    class (`_legacy_layout`: DINOv2's `attention.attention.query`, Mixtral's per-expert weights)."""
     prefixes = {**_HUB_PREFIXES, "model.vision_tower.": _hub_tower_prefix(model)}
-    renamed = {}
+    parts: dict[str, dict] = {prefix: {} for prefix in prefixes}
     for key, value in state_dict.items():
         prefix = next((p for p in prefixes if key.startswith(p)), None)
         if prefix is None:
             raise ValueError(f"Cannot save {key!r}: not part of the vision tower, projector, LM or lm_head.")
-        renamed[prefixes[prefix] + key[len(prefix):]] = value
-    return renamed
+        parts[prefix][key[len(prefix):]] = value
+    for prefix, module in (("model.vision_tower.", model.model.vision_tower),
+                           ("model.language_model.", model.model.language_model)):
+        parts[prefix] = _legacy_layout(module, parts[prefix])
+    return {prefixes[prefix] + key: value for prefix, part in parts.items() for key, value in part.items()}
+
+
+def _legacy_layout(module: torch.nn.Module, state_dict: dict) -> dict:
+    """`state_dict` (names relative to `module`) as transformers 4.x's class of `module` names and shapes it: the
+    reverse of the renamings and merges transformers 5.x applies when it loads such weights. Prefix changes are left
+    to `_hub_tower_prefix`, which knows where LLaVA puts the tower."""
+    if not isinstance(module, PreTrainedModel) or not state_dict:
+        return state_dict
+    conversions = [c for c in get_model_conversion_mapping(module, add_legacy=False) if not isinstance(c, PrefixChange)]
+    if not conversions:
+        return state_dict
+    # revert_weight_conversion reverses the conversions a model was loaded with; name these explicitly, since a part
+    # moved into the LLaVA keeps those of its own earlier load (prefix changes included).
+    loaded_with = module.__dict__.get("_weight_conversions")
+    module._weight_conversions = conversions
+    try:
+        return dict(revert_weight_conversion(module, state_dict))
+    finally:
+        if loaded_with is None:
+            del module._weight_conversions
+        else:
+            module._weight_conversions = loaded_with
 
 
 def _add_legacy_rope_fields(config_path: str) -> None:
@@ -265,12 +291,14 @@ def _multi_process() -> bool:
     return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
-def _parameters_sharded(model: torch.nn.Module) -> bool:
-    """Whether FSDP (1 or 2) or DeepSpeed ZeRO-3 shards this model's weights across processes."""
+def parameters_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP (1 or 2) or DeepSpeed ZeRO-3 shards this model's weights across processes, so that every
+    process must take part in each forward pass."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
 
     return (any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
-            or any(hasattr(p, "ds_id") for p in model.parameters()))
+            or any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters()))
 
 
 # --------------------------------------------------------------------------------------------- components
@@ -359,6 +387,16 @@ def assemble_llava(args: ModelArguments, processor: LlavaProcessor) -> LlavaForC
     lm = AutoModelForCausalLM.from_pretrained(args.language_model_name_or_path, **load_kwargs)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tokenizer))
+    # What transformers' LLaVA builds as its language model (AutoModel of the text config), for any family:
+    # LlamaModel, GPT2Model, OPTModel (not OPT's inner decoder, which `get_decoder()` returns).
+    decoder = lm.base_model
+    if getattr(lm.get_output_embeddings(), "bias", None) is not None:
+        raise ValueError(f"{args.language_model_name_or_path} ({type(lm).__name__}) has an lm_head with a bias, which "
+                         "transformers' LlavaForConditionalGeneration cannot hold (its lm_head has none), so no "
+                         "checkpoint of it would load elsewhere. Use an LM whose output layer has no bias (e.g. "
+                         "Phi-3/Phi-4 instead of Phi-1/2).")
+    if getattr(lm.config, "tie_word_embeddings", False) and _embedding_name(decoder) != "embed_tokens":
+        _untie_output_embeddings(lm)
     config = LlavaConfig(
         vision_config=vision_tower.config, text_config=lm.config,
         image_token_index=processor.image_token_id, image_seq_length=image_token_count(processor),
@@ -370,7 +408,7 @@ def assemble_llava(args: ModelArguments, processor: LlavaProcessor) -> LlavaForC
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = vision_tower
-    model.model.language_model = lm.get_decoder()
+    model.model.language_model = decoder
     model.lm_head = lm.get_output_embeddings()
     model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(lm.dtype)
     leftovers = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -380,6 +418,26 @@ def assemble_llava(args: ModelArguments, processor: LlavaProcessor) -> LlavaForC
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _embedding_name(decoder: torch.nn.Module) -> str:
+    """Name of the input embeddings inside the LM's base model (`embed_tokens`, GPT-2's `wte`, ...)."""
+    return {id(module): name for name, module in decoder.named_modules()}[id(decoder.get_input_embeddings())]
+
+
+def _untie_output_embeddings(lm: PreTrainedModel) -> None:
+    """Give a tied lm_head its own copy of the embeddings.
+
+    Why: transformers' LLaVA ties lm_head to `language_model.embed_tokens` by that name, and raises at
+    construction, in plain transformers too, for an LM whose embeddings live elsewhere (GPT-2's `wte`, OPT's
+    `decoder.embed_tokens`). Untied, such a checkpoint loads everywhere; the head then trains on its own.
+    """
+    head = lm.get_output_embeddings()
+    head.weight = torch.nn.Parameter(lm.get_input_embeddings().weight.detach().clone(),
+                                     requires_grad=head.weight.requires_grad)
+    lm.config.tie_word_embeddings = False
+    logger.info("%s ties lm_head to embeddings named %r, which LLaVA cannot tie: lm_head is now a copy.",
+                type(lm).__name__, _embedding_name(lm.base_model))
 
 
 def load_model(args: ModelArguments, processor: ProcessorMixin) -> LlavaForConditionalGeneration:

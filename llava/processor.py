@@ -258,7 +258,8 @@ def save_processor(processor: ProcessorMixin, folder: str) -> None:
     and make the folder's generation config stop where the chat template ends a turn.
 
     transformers 5.x alone would leave three gaps: `tokenizer_class` "TokenizersBackend" (4.x cannot import it;
-    "PreTrainedTokenizerFast" reads the same tokenizer.json there and is the same class in 5.x), the image
+    "PreTrainedTokenizerFast" reads the same tokenizer.json there and is the same class in 5.x; `model_input_names`
+    is written so 4.x returns the same inputs), the image
     processor only inside processor_config.json (older readers look for preprocessor_config.json), and a
     generation config whose `eos_token_id` is the LM's EOS only, so generation runs past `<|im_end|>`-style
     end-of-turn tokens. The chat template written is the processor's, i.e. the one training used.
@@ -267,11 +268,19 @@ def save_processor(processor: ProcessorMixin, folder: str) -> None:
     processor.image_processor.save_pretrained(folder)
     tokenizer_config = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        _update_json(tokenizer_config, lambda c: c.update(tokenizer_class="PreTrainedTokenizerFast")
-                     if c.get("tokenizer_class", "").endswith("Backend") else None)
+        _update_json(tokenizer_config, lambda c: _readable_by_transformers_4(c, processor.tokenizer))
     generation_config = os.path.join(folder, "generation_config.json")
     if os.path.isfile(generation_config):
         _update_json(generation_config, lambda c: _stop_at_end_of_turn(c, processor))
+
+
+def _readable_by_transformers_4(tokenizer_config: dict, tokenizer) -> None:
+    """A tokenizer class 4.x can import, and the model inputs the tokenizer returns now: 4.x's
+    PreTrainedTokenizerFast would otherwise also return `token_type_ids`, which GPT-2-style LMs add to the
+    embeddings (different logits)."""
+    if tokenizer_config.get("tokenizer_class", "").endswith("Backend"):
+        tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config["model_input_names"] = list(tokenizer.model_input_names)
 
 
 def _stop_at_end_of_turn(generation_config: dict, processor: ProcessorMixin) -> None:

@@ -2,7 +2,7 @@
 
     python tests/portable_consumer.py SPEC.json RESULT.pt
 
-SPEC: {"folders": [...], "image": PNG path, "question": text}. For each folder: load the model with plain
+SPEC: {"folders": [...], "image": PNG path, "question": text, "attn_implementation": optional}. For each folder: load the model with plain
 transformers (`output_loading_info`), build the prompt with the processor's chat template, and record the loading
 info, input ids and logits. Uses nothing of train_llava, so it runs in the transformers 4.57 venv of test_portable.
 """
@@ -16,8 +16,9 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 
-def consume(folder: str, image: Image.Image, question: str) -> dict:
-    model, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+def consume(folder: str, image: Image.Image, question: str, attn_implementation: str | None = None) -> dict:
+    model, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True,
+                                                                attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(folder)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -33,7 +34,8 @@ def main(spec_path: str, result_path: str) -> None:
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
     image = Image.open(spec["image"]).convert("RGB")
-    results = {folder: consume(folder, image, spec["question"]) for folder in spec["folders"]}
+    results = {folder: consume(folder, image, spec["question"], spec.get("attn_implementation"))
+               for folder in spec["folders"]}
     torch.save({"transformers": transformers.__version__, "torch": torch.__version__, "results": results},
                result_path)
 
