@@ -44,12 +44,6 @@ _STRUCTURED_CONTENT_PREAMBLE = (
     "{%- set messages = _flat.messages -%}"
 )
 
-# Stands in for an assistant answer when reading off which token the chat template ends a turn with.
-_ANSWER_SENTINEL = "Sentinel answer 8472"
-
-
-
-
 # Vision-model types LLaVA cannot host: why, and what to use instead.
 _UNHOSTABLE_TOWERS = {
     "siglip2_vision_model": (
@@ -236,23 +230,6 @@ def load_processor(args: ModelArguments) -> ProcessorMixin:
 
 # --------------------------------------------------------------------------------------------- saving
 
-def end_of_turn_token_ids(processor: ProcessorMixin) -> list[int]:
-    """The special token(s) the chat template writes right after an assistant answer (ChatML: `<|im_end|>`,
-    Llama 3: `<|eot_id|>`), found by rendering a one-turn conversation with a sentinel answer; empty when the
-    template ends a turn with plain text only."""
-    tokenizer = processor.tokenizer
-    # Plain-string content: the form every LM template takes (ours also take structured content).
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _ANSWER_SENTINEL}],
-        chat_template=processor.chat_template, tokenize=False)
-    if _ANSWER_SENTINEL not in rendered:
-        return []
-    after = rendered[rendered.index(_ANSWER_SENTINEL) + len(_ANSWER_SENTINEL):]
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
-    return [next(i for i in ids if i in special)] if any(i in special for i in ids) else []
-
-
 def save_processor(processor: ProcessorMixin, folder: str) -> None:
     """Write `processor` into a model folder so that transformers 4.x and 5.x, vLLM, SGLang and lmms-eval all read it,
     and make the folder's generation config stop where the chat template ends a turn.
@@ -286,7 +263,12 @@ def _readable_by_transformers_4(tokenizer_config: dict, tokenizer) -> None:
 def _stop_at_end_of_turn(generation_config: dict, processor: ProcessorMixin) -> None:
     eos = generation_config.get("eos_token_id")
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    stops = [processor.tokenizer.eos_token_id, *eos, *end_of_turn_token_ids(processor)]
+    # Imported here: the encoder builds on this module (IGNORE_INDEX, image_token_count).
+    from llava.conversation import ConversationEncoder
+
+    end_of_turn = ConversationEncoder(processor, max_length=1).end_of_turn  # what every trained answer ends with
+    end_of_turn_ids = processor.tokenizer(end_of_turn, add_special_tokens=False)["input_ids"]
+    stops = [processor.tokenizer.eos_token_id, *eos, *end_of_turn_ids]
     stops = list(dict.fromkeys(i for i in stops if i is not None))
     generation_config["eos_token_id"] = stops[0] if len(stops) == 1 else stops
     generation_config["pad_token_id"] = processor.tokenizer.pad_token_id

@@ -2,7 +2,8 @@
 
     python tests/portable_consumer.py SPEC.json RESULT.pt
 
-SPEC: {"folders": [...], "image": PNG path, "question": text, "attn_implementation": optional}. For each folder: load the model with plain
+SPEC: {"folders": [...], "image": PNG path, "question": text, "attn_implementation": optional, "processor_only":
+optional (then only `preprocess`). For each folder: load the model with plain
 transformers (`output_loading_info`), build the prompt with the processor's chat template, and record the loading
 info, input ids and logits. Uses nothing of train_llava, so it runs in the transformers 4.57 venv of test_portable.
 """
@@ -14,6 +15,14 @@ import torch
 import transformers
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+
+def preprocess(folder: str, image: Image.Image) -> dict:
+    """What the folder's processor makes of an image and one placeholder: class, pixel values, input ids."""
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(text=processor.image_token + "\nHi", images=[image], return_tensors="pt")
+    return {"image_processor": type(processor.image_processor).__name__.removesuffix("Pil"),
+            "pixel_values": inputs["pixel_values"], "input_ids": inputs["input_ids"]}
 
 
 def consume(folder: str, image: Image.Image, question: str, attn_implementation: str | None = None) -> dict:
@@ -34,8 +43,11 @@ def main(spec_path: str, result_path: str) -> None:
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
     image = Image.open(spec["image"]).convert("RGB")
-    results = {folder: consume(folder, image, spec["question"], spec.get("attn_implementation"))
-               for folder in spec["folders"]}
+    if spec.get("processor_only"):
+        results = {folder: preprocess(folder, image) for folder in spec["folders"]}
+    else:
+        results = {folder: consume(folder, image, spec["question"], spec.get("attn_implementation"))
+                   for folder in spec["folders"]}
     torch.save({"transformers": transformers.__version__, "torch": torch.__version__, "results": results},
                result_path)
 

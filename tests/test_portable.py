@@ -20,10 +20,11 @@ from safetensors.torch import save_file
 
 from llava.arguments import ModelArguments
 from llava.model import LlavaForConditionalGeneration, load_llava
-from llava.processor import save_processor
+from llava.processor import build_processor, save_processor
 from llava.train import main
-from tests.portable_consumer import consume
+from tests.portable_consumer import consume, preprocess
 from tests.tiny_parts import save_language_model
+from tests.tiny_towers import TOWERS
 
 CONSUMER_TRANSFORMERS = "4.57"
 HUB_PREFIXES = ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
@@ -97,20 +98,49 @@ def test_every_output_holds_llava_hf_names(outputs):
 def test_transformers_4_57_loads_every_output_as_5x_does(outputs, parts, tmp_path):
     spec = {"folders": list(outputs.values()), "image": os.path.join(parts["images"], "img0.png"),
             "question": QUESTION}
-    spec_path, result_path = tmp_path / "spec.json", tmp_path / "result.pt"
-    spec_path.write_text(json.dumps(spec))
-    subprocess.run([consumer_python(), os.path.join(os.path.dirname(__file__), "portable_consumer.py"),
-                    str(spec_path), str(result_path)], check=True)
-    old = torch.load(result_path, weights_only=False)
-    assert old["transformers"].startswith(CONSUMER_TRANSFORMERS + ".") and old["torch"] == torch.__version__
+    results = run_consumer(spec, tmp_path)
     image = Image.open(spec["image"]).convert("RGB")
     for folder in spec["folders"]:
-        theirs, ours = old["results"][folder], consume(folder, image, QUESTION)
+        theirs, ours = results[folder], consume(folder, image, QUESTION)
         assert theirs["missing"] == theirs["unexpected"] == [], folder
         assert ours["missing"] == ours["unexpected"] == [], folder
         assert torch.equal(theirs["input_ids"], ours["input_ids"]), folder
         assert theirs["tied"] == ours["tied"] == (folder.startswith(outputs["merged"])), folder
         torch.testing.assert_close(theirs["logits"], ours["logits"], atol=1e-4, rtol=0)
+
+
+def run_consumer(spec: dict, tmp_path) -> dict:
+    """`portable_consumer.py` under transformers 4.57: its results per folder."""
+    spec_path, result_path = tmp_path / "spec.json", tmp_path / "result.pt"
+    spec_path.write_text(json.dumps(spec))
+    subprocess.run([consumer_python(), os.path.join(os.path.dirname(__file__), "portable_consumer.py"),
+                    str(spec_path), str(result_path)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = torch.load(result_path, weights_only=False)
+    assert result["transformers"].startswith(CONSUMER_TRANSFORMERS + ".") and result["torch"] == torch.__version__
+    return result["results"]
+
+
+def test_transformers_4_57_preprocesses_images_as_5x_for_every_tower_and_aspect_ratio(parts, tmp_path):
+    """--image_aspect_ratio is stored in the processor files; 4.57 must read them into the same pixels."""
+    folders = []
+    for tower, (builder, *_) in sorted(TOWERS.items()):
+        vision = builder(str(tmp_path / tower))
+        for mode in (None, "pad", "crop", "resize"):
+            args = ModelArguments(vision_model_name_or_path=vision, language_model_name_or_path=parts["lm"],
+                                  image_aspect_ratio=mode)
+            folder = str(tmp_path / f"{tower}_{mode}")
+            save_processor(build_processor(args), folder)
+            folders.append(folder)
+    wide = Image.new("RGB", (48, 24), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 10, 24))  # a blue left edge, so crops and pads differ
+    wide.save(tmp_path / "wide.png")
+    theirs = run_consumer({"folders": folders, "image": str(tmp_path / "wide.png"), "question": "",
+                           "processor_only": True}, tmp_path)
+    for folder in folders:
+        ours = preprocess(folder, wide)
+        assert theirs[folder]["image_processor"] == ours["image_processor"], folder
+        assert torch.equal(theirs[folder]["input_ids"], ours["input_ids"]), folder
+        torch.testing.assert_close(theirs[folder]["pixel_values"], ours["pixel_values"], atol=1e-6, rtol=0)
 
 
 def test_processor_and_generation_files_serve_elsewhere(outputs):
