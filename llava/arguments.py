@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from llava.cache import cache_root
+
 logger = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16", "auto"]
@@ -170,6 +172,13 @@ class DataArguments:
                           "before the image processor: in training, sample logging and inference alike. Saves "
                           "worker memory and time on huge photos. Unset: no limit (beyond PIL's ~89 MP refusal)."},
     )
+    data_cache_dir: str = field(
+        default="auto",
+        metadata={"help": "Where the checked, tokenized samples are cached, keyed by the data files (path, size, "
+                          "modification time), tokenizer, chat template and limits, so later runs and the other "
+                          "processes of a node read them instead of redoing it: 'auto' is $TRAIN_LLAVA_CACHE/tokenized "
+                          "(default ~/.cache/train_llava/tokenized), 'none' turns the cache off."},
+    )
     sample_data_path: str | None = field(
         default=None,
         metadata={"help": "LLaVA .json of held-out questions: the first --num_logged_samples are answered at every "
@@ -191,6 +200,13 @@ class DataArguments:
     @property
     def data_paths(self) -> list[str]:
         return [p.strip() for p in self.data_path.split(",") if p.strip()]
+
+    @property
+    def tokenized_cache_dir(self) -> str | None:
+        """The folder of the tokenized-data cache, None when it is off."""
+        if self.data_cache_dir.lower() == "none":
+            return None
+        return str(cache_root() / "tokenized") if self.data_cache_dir == "auto" else self.data_cache_dir
 
 
 @dataclass

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 from transformers import ProcessorMixin
 
 from llava.errors import DataError
@@ -87,6 +88,7 @@ class ConversationEncoder:
         special = {i: t.content for i, t in self.tokenizer.added_tokens_decoder.items()
                    if t.special and i != self.image_token_id}
         self.special_ids = set(special)
+        self.special_id_array = np.asarray(sorted(special), dtype=np.int32)
         self.special_tokens = sorted(special.values(), key=len, reverse=True)  # longest first, for matching
         self.string_content = self._template_takes_string_content()
         self.system_role = self._template_has_system_role()
@@ -112,11 +114,11 @@ class ConversationEncoder:
         """
         conversation = [*messages, Message("assistant", _ANSWER, trained=True)]
         text, spans, regions = self.trained_spans(conversation, "the prompt")
-        input_ids, labels = self._tokenize(text, spans, regions, "the prompt")
-        start = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)  # in the stand-in answer
-        while labels[start - 1] != IGNORE_INDEX:
+        input_ids, trained = self._tokenize(text, spans, regions, "the prompt")
+        start = int(np.flatnonzero(trained)[-1])  # in the stand-in answer: walk back to where it starts
+        while trained[start - 1]:
             start -= 1
-        return input_ids[:start]
+        return self.expand(input_ids[:start], trained[:start])[0].tolist()
 
     def _render(self, texts: list[str], messages: list[Message], add_generation_prompt: bool) -> str:
         """Render `messages` with `texts` in place of their contents (`texts[i]` for `messages[i]`)."""
@@ -257,7 +259,22 @@ class ConversationEncoder:
         return text, spans, regions
 
     def encode(self, sample: Sample) -> dict[str, list[int]]:
-        """Token ids and labels (-100 where not trained) for one sample."""
+        """Token ids and labels (-100 where not trained) for one sample, image tokens expanded: what the collator
+        feeds the model (`llava.inspect_data --json` prints it)."""
+        compact = self.encode_compact(sample)
+        input_ids, labels = self.expand(compact["input_ids"], compact["trained"])
+        return {"input_ids": input_ids.tolist(), "labels": labels.tolist()}
+
+    def expand(self, input_ids: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return expand_image_tokens(input_ids, trained, self.image_token_id, self.tokens_per_image)
+
+    def expanded_length(self, input_ids: np.ndarray) -> int:
+        return len(input_ids) + int((input_ids == self.image_token_id).sum()) * (self.tokens_per_image - 1)
+
+    def encode_compact(self, sample: Sample) -> dict[str, np.ndarray]:
+        """One sample as stored for training: `input_ids` (int32) with one image token per image (expanded when
+        batched, see `expand`) and `trained` (bool, where the label is the token itself). ~35x less memory than
+        expanded label lists for LLaVA-1.5's 576-token images."""
         if not any(m.trained for m in sample.messages):
             raise DataError(f"{sample.describe()}: no assistant turn, so nothing to train on.",
                             kind="no_assistant_turn")
@@ -269,37 +286,33 @@ class ConversationEncoder:
             raise DataError(f"{sample.describe()}: the chat template of {self.model_name} rejected this "
                             f"conversation: {error}. Fix the sample or pass a --chat_template that accepts it.",
                             kind="template_error") from None
-        input_ids, labels = self._tokenize(text, spans, regions, sample.describe())
-        placeholders = input_ids.count(self.image_token_id) // self.tokens_per_image
+        input_ids, trained = self._tokenize(text, spans, regions, sample.describe())
+        placeholders = int((input_ids == self.image_token_id).sum())
         if placeholders != len(sample.images):
             raise DataError(f"{sample.describe()}: {placeholders} {self.image_token} placeholder(s) but "
                             f"{len(sample.images)} image(s); put one {self.image_token} in the text per image.",
                             kind="image_count_mismatch")
-        return self._truncate(sample, input_ids, labels)
+        return self._truncate(sample, input_ids, trained)
 
     def _tokenize(self, text: str, spans: list[tuple[int, int]], regions: list[tuple[int, int]], where: str
-                  ) -> tuple[list[int], list[int]]:
-        """Token ids of `text` with each image token expanded, and labels: the id inside `spans`, else -100.
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of `text` (one image token per image) and whether each is trained: it overlaps a span.
 
         Control tokens inside a message's text (`regions`) were typed, not written by the template: they become
         the tokens of their characters."""
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids, labels = [], []
-        span_index = 0
-        for token_id, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
-            while span_index < len(spans) and spans[span_index][1] <= start:
-                span_index += 1
-            in_answer = span_index < len(spans) and start < spans[span_index][1] and end > spans[span_index][0]
-            if token_id == self.image_token_id:
-                input_ids.extend([token_id] * self.tokens_per_image)
-                labels.extend([IGNORE_INDEX] * self.tokens_per_image)
-                continue
-            ids = [token_id]
-            if token_id in self.special_ids and any(s <= start and end <= e for s, e in regions):
-                ids = self._as_text(text[start:end], where)
-            input_ids.extend(ids)
-            labels.extend(ids if in_answer else [IGNORE_INDEX] * len(ids))
-        return input_ids, labels
+        input_ids = np.asarray(encoded["input_ids"], dtype=np.int32)
+        offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        trained = _overlaps_any(offsets, spans)
+        typed = np.isin(input_ids, self.special_id_array) & _inside_any(offsets, regions)
+        if not typed.any():
+            return input_ids, trained
+        pieces_ids, pieces_trained = [], []
+        for token_id, (start, end), is_trained, is_typed in zip(input_ids, offsets, trained, typed):
+            ids = self._as_text(text[start:end], where) if is_typed else [token_id]
+            pieces_ids += ids
+            pieces_trained += [is_trained] * len(ids)
+        return np.asarray(pieces_ids, dtype=np.int32), np.asarray(pieces_trained, dtype=bool)
 
     def _as_text(self, literal: str, where: str) -> list[int]:
         """Token ids of a control token's text typed inside a message, read as characters."""
@@ -310,26 +323,60 @@ class ConversationEncoder:
                             kind="literal_special_token")
         return ids
 
-    def _truncate(self, sample: Sample, input_ids: list[int], labels: list[int]) -> dict[str, list[int]]:
-        if len(input_ids) > self.max_length:
-            image_tokens = input_ids.count(self.image_token_id)
+    def _truncate(self, sample: Sample, input_ids: np.ndarray, trained: np.ndarray) -> dict[str, np.ndarray]:
+        """Cut text beyond `max_length` (counted with images expanded), never an image; drop what follows the last
+        trained token."""
+        is_image = input_ids == self.image_token_id
+        length = self.expanded_length(input_ids)
+        if length > self.max_length:
+            image_tokens = int(is_image.sum()) * self.tokens_per_image
             if image_tokens > self.max_length:
                 raise DataError(f"{sample.describe()}: its images alone take {image_tokens} tokens, more than "
                                 f"--model_max_length {self.max_length}; raise it or use fewer images.",
                                 kind="images_exceed_max_length")
-            if self.image_token_id in input_ids[self.max_length:]:
+            ends = np.cumsum(np.where(is_image, self.tokens_per_image, 1))  # expanded end of each token
+            keep = int(np.searchsorted(ends, self.max_length, side="right"))
+            if is_image[keep:].any():
                 raise DataError(
-                    f"{sample.describe()}: {len(input_ids)} tokens, and --model_max_length {self.max_length} would "
+                    f"{sample.describe()}: {length} tokens, and --model_max_length {self.max_length} would "
                     "cut through an image's tokens; raise --model_max_length or shorten the sample.",
                     kind="truncation_cuts_image")
-            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE_INDEX for label in labels):
+            input_ids, trained = input_ids[:keep], trained[:keep]
+        if not trained.any():
             raise DataError(f"{sample.describe()}: no answer token left within --model_max_length "
                             f"{self.max_length}; raise it or shorten the sample.", kind="no_answer_within_max_length")
         # Tokens after the last trained one (the template's closing newline, say) cannot change the loss of a
         # causal LM: dropping them saves their forward and backward.
-        end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
-        return {"input_ids": input_ids[:end], "labels": labels[:end]}
+        end = int(np.flatnonzero(trained)[-1]) + 1
+        return {"input_ids": input_ids[:end], "trained": trained[:end]}
+
+
+def expand_image_tokens(input_ids: np.ndarray, trained: np.ndarray, image_token_id: int, tokens_per_image: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) of a stored sample: each image token repeated to the tower's token count, labels the ids
+    where trained and -100 elsewhere (image tokens, prompts)."""
+    repeats = np.where(input_ids == image_token_id, tokens_per_image, 1)
+    expanded, trained = np.repeat(np.asarray(input_ids, dtype=np.int64), repeats), np.repeat(trained, repeats)
+    return expanded, np.where(trained, expanded, IGNORE_INDEX)
+
+
+def _overlaps_any(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """For each token's character span [start, end) (rows of `offsets`), whether it overlaps one of the sorted,
+    disjoint `spans`."""
+    if not spans:
+        return np.zeros(len(offsets), dtype=bool)
+    starts, ends = np.asarray(spans, dtype=np.int64).T
+    index = np.minimum(np.searchsorted(ends, offsets[:, 0], side="right"), len(spans) - 1)  # first span ending after
+    return (offsets[:, 0] < ends[index]) & (offsets[:, 1] > starts[index])
+
+
+def _inside_any(offsets: np.ndarray, regions: list[tuple[int, int]]) -> np.ndarray:
+    """For each token's character span, whether it lies within one of the sorted, disjoint `regions`."""
+    if not regions:
+        return np.zeros(len(offsets), dtype=bool)
+    starts, ends = np.asarray(regions, dtype=np.int64).T
+    index = np.maximum(np.searchsorted(starts, offsets[:, 0], side="right") - 1, 0)  # last region starting before
+    return (starts[index] <= offsets[:, 0]) & (offsets[:, 1] <= ends[index])
 
 
 def _insert_after_trained(text: str, regions: list[tuple[int, int]], messages: list[Message], insert: str

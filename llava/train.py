@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     train_dataset = build_dataset(data_args.data_paths, processor, data_args.model_max_length, data_args.image_folder,
                                   skip_invalid=data_args.skip_invalid_samples,
                                   allow_absolute_image_paths=data_args.allow_absolute_image_paths,
-                                  max_image_pixels=data_args.max_image_pixels)
+                                  max_image_pixels=data_args.max_image_pixels,
+                                  cache_dir=data_args.tokenized_cache_dir)
     logger.info("%d training samples from %s", len(train_dataset), ", ".join(data_args.data_paths))
     callbacks = list(callbacks or [])
     if data_args.sample_data_path:

