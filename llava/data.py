@@ -54,7 +54,7 @@ def read_records(path: str):
                 if line.strip():
                     location = f"{path}:{line_number}"
                     try:
-                        yield location, _parse_json(_decode(line, location), location)
+                        yield location, _parse_json(_decode(line, location).strip(), location)
                     except DataError as error:
                         yield location, error
             return

@@ -74,6 +74,16 @@ def tower_config(vision_path: str, trust_remote_code: bool = False):
     return vision_config
 
 
+def check_vision_feature_layer(vision_config, layer: int, vision_path: str) -> None:
+    """Refuse a --vision_feature_layer the tower does not have, before any weights load (it would otherwise be an
+    IndexError at the first forward pass). The tower returns its embeddings plus one output per layer."""
+    outputs = vision_config.num_hidden_layers + 1
+    if not -outputs <= layer < outputs:
+        raise ValueError(f"--vision_feature_layer {layer} is out of range for {vision_path}: it has "
+                         f"{vision_config.num_hidden_layers} layers, so valid values are {-outputs} to {outputs - 1} "
+                         "(-1 the last layer, -2 the penultimate as in LLaVA-1.5, 0 the embeddings).")
+
+
 def _extra_vision_tokens(vision_config, height: int, width: int) -> int:
     """Tokens the tower emits beside its patches (CLIP: 1 CLS; SigLIP: 0; DINOv2: 1 CLS, plus its registers).
 
@@ -200,6 +210,7 @@ def build_processor(args: ModelArguments) -> LlavaProcessor:
             "Pass one with --chat_template (a Jinja string or a .jinja file), or use an instruct model."
         )
     vision_config = tower_config(args.vision_model_name_or_path, args.trust_remote_code)
+    check_vision_feature_layer(vision_config, args.vision_feature_layer, args.vision_model_name_or_path)
     image_processor = AutoImageProcessor.from_pretrained(args.vision_model_name_or_path,
                                                          trust_remote_code=args.trust_remote_code)
     image_processor = apply_image_aspect_ratio(image_processor, args.image_aspect_ratio)

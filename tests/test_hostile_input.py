@@ -162,3 +162,56 @@ def test_every_image_mode_becomes_the_right_rgb(tmp_path):
     assert to_rgb(Image.new("CMYK", (2, 2), (0, 255, 255, 0))).getpixel((0, 0)) == (255, 0, 0)
     assert to_rgb(Image.new("1", (2, 2), 1)).getpixel((0, 0)) == white
     assert to_rgb(Image.new("I;16", (2, 2), 65535)).getpixel((0, 0)) == white
+
+
+# --------------------------------------------------------------------------------------------- flags
+
+PARTS = ["--vision_model_name_or_path", "V", "--language_model_name_or_path", "L"]
+DATA = ["--data_path", "a.json", "--output_dir", "out"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--projector_lr=-1e-3"], "--projector_lr must be positive, got -0.001"),
+    (["--vision_lr", "0"], "--vision_lr must be positive, got 0.0"),
+    (["--chat_template", "templates/chatml.jinja"], "--chat_template templates/chatml.jinja: no such file"),
+    (["--chat_template", "my_template.J2"], "no such file"),
+])
+def test_bad_flags_are_refused_at_parse_time(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(PARTS + DATA + flags)
+
+
+def test_a_literal_template_and_an_existing_file_are_accepted(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text(CHATML_TEMPLATE)
+    for value in [str(template), CHATML_TEMPLATE]:
+        assert parse_args(PARTS + DATA + ["--chat_template", value])[0].chat_template == value
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".JSON"])
+def test_a_config_file_plus_flags_merges_with_the_flags_winning(tmp_path, suffix):
+    config = tmp_path / f"stage1{suffix}"
+    values = {"vision_model_name_or_path": "V", "language_model_name_or_path": "L", "data_path": "a.json",
+              "output_dir": "from_file", "learning_rate": "1e-3", "freeze_language_model": True}
+    config.write_text(json.dumps(values))  # JSON is YAML too
+    model_args, data_args, training_args = parse_args([str(config), "--output_dir", "from_flag"])
+    assert model_args.vision_model_name_or_path == "V" and data_args.data_path == "a.json"
+    assert training_args.output_dir == "from_flag" and training_args.learning_rate == 1e-3
+    assert training_args.freeze_language_model
+    config.write_text(json.dumps({**values, "learning_rat": 1}))
+    with pytest.raises(ValueError, match=r"unknown keys \['learning_rat'\]"):
+        parse_args([str(config), "--output_dir", "x"])
+
+
+@pytest.mark.parametrize("layer", [99, -99, 3, -4])
+def test_a_vision_feature_layer_out_of_range_is_refused_before_loading(parts, layer):
+    from transformers import AutoConfig
+
+    num_layers = AutoConfig.from_pretrained(parts["vision"]).num_hidden_layers
+    args = ModelArguments(vision_model_name_or_path=parts["vision"], language_model_name_or_path=parts["lm"],
+                          vision_feature_layer=layer)
+    if -num_layers - 1 <= layer <= num_layers:
+        load_processor(args)
+    else:
+        with pytest.raises(ValueError, match=f"valid values are {-num_layers - 1} to {num_layers}"):
+            load_processor(args)
