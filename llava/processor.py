@@ -18,6 +18,7 @@ from transformers import (AddedToken, AutoConfig, AutoImageProcessor, AutoModel,
                           LlavaImageProcessor, LlavaProcessor, ProcessorMixin)
 
 from llava.arguments import ModelArguments
+from llava.final_output import check_final_output
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +236,11 @@ def image_token_count(processor: ProcessorMixin) -> int:
 
 
 def load_processor(args: ModelArguments) -> ProcessorMixin:
-    """The processor of the checkpoint being continued, or a new one for an assembled model."""
+    """The processor of the checkpoint being continued (refused when half-published, see `check_final_output`),
+    or a new one for an assembled model."""
     if args.assembles_new_model:
         return build_processor(args)
+    check_final_output(args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     if args.chat_template:  # e.g. llava-hf checkpoints, whose template ends answers with no end-of-turn token
         processor.chat_template = multimodal_chat_template(_read_chat_template(args.chat_template),
