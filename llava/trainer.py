@@ -152,7 +152,8 @@ class LlavaTrainer(Trainer):
         """Trainer's dataloader, whose worker processes ignore SIGTERM: a scheduler signals the whole process
         group, and a worker dying of it would kill the run before the main process saves its checkpoint."""
         dataloader = super().get_train_dataloader()
-        dataloader.worker_init_fn = ignoring_sigterm(dataloader.worker_init_fn)
+        loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate's adapter wraps the DataLoader
+        loader.worker_init_fn = ignoring_sigterm(loader.worker_init_fn)
         return dataloader
 
     def _any_process(self, flag: bool) -> bool:
