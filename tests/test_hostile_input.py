@@ -3,8 +3,6 @@ file, position, sample id and fix (or, for images, converted correctly), never r
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -17,7 +15,7 @@ from llava.data import load_image, to_rgb
 from llava.dataset import build_dataset
 from llava.errors import DataError
 from llava.processor import load_processor
-from llava.validation import validate
+from llava.validation import SampleChecker, iter_samples, validate
 from tests.test_validation import qa
 from tests.tiny_parts import CHATML_TEMPLATE, save_images
 
@@ -128,10 +126,9 @@ def test_a_template_with_nested_loops_is_stopped(processor, tmp_path):
         encoder.render_time_limit = 0.5
         path = write_jsonl(tmp_path / "t.jsonl", [json.dumps(qa("loop", image=None, question="LOOP?")),
                                                    json.dumps(qa("fine", image=None, question="Hi?"))])
-        from llava import validation
-        checker = validation.SampleChecker(encoder, None, False)
+        checker = SampleChecker(encoder, None, False)
         started = time.monotonic()
-        outcomes = [checker(item) for item in validation.iter_samples([path])]
+        outcomes = [checker(item) for item in iter_samples([path])]
         assert time.monotonic() - started < 10
         assert outcomes[0][1].kind == "template_timeout" and "(id 'loop')" in str(outcomes[0][1])
         assert outcomes[1][1] is None
