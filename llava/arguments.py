@@ -10,6 +10,7 @@ any model is loaded, and say how to fix the flags.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -108,6 +109,7 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        _check_chat_template_path(self.chat_template)
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load_in_4bit and --load_in_8bit are exclusive: pick one.")
         parts = [self.vision_model_name_or_path, self.language_model_name_or_path]
@@ -139,6 +141,20 @@ class ModelArguments:
     @property
     def quantization_flag(self) -> str:
         return "--load_in_4bit" if self.load_in_4bit else "--load_in_8bit"
+
+
+# What a --chat_template value that names a file ends with; a Jinja string never does.
+_TEMPLATE_FILE_SUFFIXES = (".jinja", ".j2", ".txt")
+
+
+def _check_chat_template_path(value: str | None) -> None:
+    """Refuse a --chat_template that looks like a file path (a template suffix, or a path separator and no Jinja
+    braces) but names no file: it would be used as the literal template, and every sample then fails oddly."""
+    if not value or os.path.isfile(value) or "{" in value:
+        return
+    if value.lower().endswith(_TEMPLATE_FILE_SUFFIXES) or os.sep in value:
+        raise ValueError(f"--chat_template {value}: no such file. Pass the path of a template file, or the "
+                         "template itself as a Jinja string.")
 
 
 @dataclass
@@ -295,6 +311,11 @@ class LlavaTrainingArguments(TrainingArguments):
                 "Every component is frozen, so nothing would train. Unfreeze at least one of "
                 "--freeze_vision_model False, --freeze_projector False, --freeze_language_model False."
             )
+        for flag in ("projector_lr", "vision_lr"):
+            value = getattr(self, flag)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{flag} must be positive, got {value}: a negative rate trains away from the "
+                                 "data, zero trains nothing (freeze the component instead).")
         if self.lora_enable:
             self._check_lora()
 
@@ -348,23 +369,47 @@ class LlavaTrainingArguments(TrainingArguments):
                              f"{self.lora_dropout}.")
 
 
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LlavaTrainingArguments]:
-    """Parse flags, or a single .json/.yaml config file holding the same keys.
+    """Parse flags, or a .json/.yaml config file holding the same keys, optionally followed by flags that
+    override the file's values.
 
     Example:
         parse_args(["--vision_model_name_or_path", "V", "--language_model_name_or_path", "L",
                     "--data_path", "d.json", "--output_dir", "out"])
+        parse_args(["configs/stage1.yaml", "--output_dir", "out"])
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, LlavaTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        parsed = parser.parse_json_file(argv[0], allow_extra_keys=False)
-    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        parsed = parser.parse_yaml_file(argv[0], allow_extra_keys=False)
-    else:
-        parsed = parser.parse_args_into_dataclasses(args=argv)
+    if argv and argv[0].lower().endswith(CONFIG_SUFFIXES):
+        parser.set_defaults(**_read_config(argv[0], parser))
+        argv = argv[1:]
+    parsed = parser.parse_args_into_dataclasses(args=argv)
     check_quantization(parsed[0], parsed[2])
     return parsed
+
+
+def _read_config(path: str, parser: HfArgumentParser) -> dict:
+    """The keys of config file `path`, checked against the flags `parser` knows (a typo is refused, not ignored).
+
+    They become the parser's defaults, so flags after the file override them and argparse converts their values
+    as it converts flags (YAML reads `1e-3` as a string)."""
+    import yaml  # only config files need it
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} not found.")
+    with open(path, encoding="utf-8") as f:
+        values = json.load(f) if path.lower().endswith(".json") else yaml.safe_load(f)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of flag names to values, got "
+                         f"{type(values).__name__}.")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; they must be flag names without the leading --.")
+    return values
 
 
 def check_quantization(model_args: ModelArguments, training_args: LlavaTrainingArguments) -> None:

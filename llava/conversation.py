@@ -15,8 +15,12 @@ answer) becomes the tokens of its characters, not the control token.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,6 +77,10 @@ class ConversationEncoder:
             token and the tokenizer has no eos token either.
     """
 
+    # Seconds one rendering may take: a template with nested loops (`range(100000)` twice) would otherwise hang
+    # validation, which has no other way to tell a slow template from a stuck one.
+    render_time_limit: float = 10.0
+
     def __init__(self, processor: ProcessorMixin, max_length: int):
         self.tokenizer = processor.tokenizer
         self.chat_template = processor.chat_template
@@ -124,8 +132,9 @@ class ConversationEncoder:
         """Render `messages` with `texts` in place of their contents (`texts[i]` for `messages[i]`)."""
         conversation = [{"role": m.role, "content": text if self.string_content else self._structured(text)}
                         for m, text in zip(messages, texts)]
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        with _time_limit(self.render_time_limit):
+            return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _fold_system(self, messages: list[Message]) -> list[Message]:
         """`messages`, with a leading system turn merged into the first user turn when the template has none."""
@@ -271,15 +280,18 @@ class ConversationEncoder:
     def expanded_length(self, input_ids: np.ndarray) -> int:
         return len(input_ids) + int((input_ids == self.image_token_id).sum()) * (self.tokens_per_image - 1)
 
-    def encode_compact(self, sample: Sample) -> dict[str, np.ndarray]:
+    def encode_compact(self, sample: Sample, warnings: list[DataError] | None = None) -> dict[str, np.ndarray]:
         """One sample as stored for training: `input_ids` (int32) with one image token per image (expanded when
         batched, see `expand`) and `trained` (bool, where the label is the token itself). ~35x less memory than
-        expanded label lists for LLaVA-1.5's 576-token images."""
+        expanded label lists for LLaVA-1.5's 576-token images. What is trained but likely not meant (an answer
+        cut by truncation) is appended to `warnings`."""
         if not any(m.trained for m in sample.messages):
             raise DataError(f"{sample.describe()}: no assistant turn, so nothing to train on.",
                             kind="no_assistant_turn")
         try:
             text, spans, regions = self.trained_spans(sample.messages, sample.describe())
+        except TemplateTimeout as error:
+            raise DataError(f"{sample.describe()}: {error}", kind=error.kind) from None
         except DataError:
             raise
         except Exception as error:  # jinja raises e.g. on roles out of order
@@ -292,7 +304,7 @@ class ConversationEncoder:
             raise DataError(f"{sample.describe()}: {placeholders} {self.image_token} placeholder(s) but "
                             f"{len(sample.images)} image(s); put one {self.image_token} in the text per image.",
                             kind="image_count_mismatch")
-        return self._truncate(sample, input_ids, trained)
+        return self._truncate(sample, input_ids, trained, [] if warnings is None else warnings)
 
     def _tokenize(self, text: str, spans: list[tuple[int, int]], regions: list[tuple[int, int]], where: str
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -323,7 +335,8 @@ class ConversationEncoder:
                             kind="literal_special_token")
         return ids
 
-    def _truncate(self, sample: Sample, input_ids: np.ndarray, trained: np.ndarray) -> dict[str, np.ndarray]:
+    def _truncate(self, sample: Sample, input_ids: np.ndarray, trained: np.ndarray,
+                  warnings: list[DataError]) -> dict[str, np.ndarray]:
         """Cut text beyond `max_length` (counted with images expanded), never an image; drop what follows the last
         trained token."""
         is_image = input_ids == self.image_token_id
@@ -341,6 +354,11 @@ class ConversationEncoder:
                     f"{sample.describe()}: {length} tokens, and --model_max_length {self.max_length} would "
                     "cut through an image's tokens; raise --model_max_length or shorten the sample.",
                     kind="truncation_cuts_image")
+            if trained[keep:].any():
+                warnings.append(DataError(
+                    f"{sample.describe()}: {length} tokens; --model_max_length {self.max_length} cuts an "
+                    "answer, which is then trained without its end-of-turn (the model learns not to stop). Raise "
+                    "--model_max_length or shorten the sample.", kind="truncated_answer"))
             input_ids, trained = input_ids[:keep], trained[:keep]
         if not trained.any():
             raise DataError(f"{sample.describe()}: no answer token left within --model_max_length "
@@ -377,6 +395,40 @@ def _inside_any(offsets: np.ndarray, regions: list[tuple[int, int]]) -> np.ndarr
     starts, ends = np.asarray(regions, dtype=np.int64).T
     index = np.maximum(np.searchsorted(starts, offsets[:, 0], side="right") - 1, 0)  # last region starting before
     return (starts[index] <= offsets[:, 0]) & (offsets[:, 1] <= ends[index])
+
+
+class TemplateTimeout(DataError):
+    """A rendering took longer than `ConversationEncoder.render_time_limit`."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"rendering with the chat template took over {seconds:g} s and was stopped (a loop in "
+                         "the template?); fix the template (--chat_template)", kind="template_timeout")
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise `TemplateTimeout` in the block after `seconds` (SIGALRM; a timer already running is restored).
+
+    Why a signal: Jinja's sandbox bounds a single range() but not loops nested in each other, and a render cannot
+    be stopped from outside its process. Validation renders in the main thread of its process (pool workers
+    too); elsewhere (threads) the block runs without a limit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TemplateTimeout(seconds)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    outer_delay, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_delay:
+            signal.setitimer(signal.ITIMER_REAL, outer_delay)
 
 
 def _insert_after_trained(text: str, regions: list[tuple[int, int]], messages: list[Message], insert: str

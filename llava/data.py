@@ -9,9 +9,11 @@ import json
 import logging
 import math
 import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from llava.conversation import Message
@@ -40,27 +42,38 @@ class Sample:
 # --------------------------------------------------------------------------------------------- reading
 
 def read_records(path: str):
-    """Yield (location, record) from a LLaVA .json list or a .jsonl file (one object per line).
+    """Yield (location, record) from a LLaVA .json list or a .jsonl file (one object per line; the suffix in any case).
 
-    A malformed JSONL line is yielded as (location, DataError) so one bad line does not hide the rest; a
-    malformed .json file raises, since nothing after the error can be located.
+    A malformed JSONL line (bad JSON, bytes that are not UTF-8, nesting too deep to parse) is yielded as
+    (location, DataError) so one bad line does not hide the rest; a malformed .json file raises, since nothing
+    after the error can be located.
     """
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
+    with open(path, "rb") as f:
+        if path.lower().endswith(".jsonl"):
             for line_number, line in enumerate(f, start=1):
                 if line.strip():
                     location = f"{path}:{line_number}"
                     try:
-                        yield location, _parse_json(line.strip(), location)
+                        yield location, _parse_json(_decode(line, location).strip(), location)
                     except DataError as error:
                         yield location, error
             return
-        records = _parse_json(f.read(), path)
+        records = _parse_json(_decode(f.read(), path), path)
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of samples, got {type(records).__name__}. "
                         "Use a .jsonl file for one sample per line.", kind="malformed_json")
     for index, record in enumerate(records):
         yield f"{path}[{index}]", record
+
+
+def _decode(data: bytes, where: str) -> str:
+    """`data` as UTF-8 text; other encodings (Latin-1 exports, say) are refused where they start."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{where}: not UTF-8 text (byte {data[error.start]:#04x} at line {line}); re-encode the "
+                        "file as UTF-8, e.g. `iconv -f latin1 -t utf-8`.", kind="not_utf8") from None
 
 
 def _parse_json(text: str, where: str):
@@ -69,6 +82,9 @@ def _parse_json(text: str, where: str):
     except json.JSONDecodeError as error:
         position = f"column {error.colno}" if error.lineno == 1 else f"line {error.lineno}, column {error.colno}"
         raise DataError(f"{where}: malformed JSON at {position}: {error.msg}", kind="malformed_json") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to parse; a LLaVA sample needs only a few levels.",
+                        kind="malformed_json") from None
 
 
 def to_sample(record: dict, location: str) -> Sample:
@@ -96,13 +112,36 @@ def to_sample(record: dict, location: str) -> Sample:
         if not content.strip():
             raise DataError(f"{where}: turn {turn_index} ({role}) has empty text; remove the turn or fill it in.",
                             kind="empty_text")
+        _check_encodable(content, f"{where}: turn {turn_index}")
         messages.append(Message(role, content, trained=role == "assistant"))
-    images = record.get("image", record.get("images")) or []
-    images = [images] if isinstance(images, str) else list(images)
-    if not all(isinstance(image, str) and image for image in images):
-        raise DataError(f"{where}: 'image' must be a path or a list of paths.", kind="malformed_sample")
+    images = _image_paths(record, where)
     metadata = {k: v for k, v in record.items() if k not in ("id", "image", "images", "conversations")}
     return Sample(id=sample_id, location=location, messages=messages, images=images, metadata=metadata)
+
+
+def _image_paths(record: dict, where: str) -> list[str]:
+    """The record's image paths: its "image" (or "images") as one path or a list of paths; absent, null or []
+    means a text-only sample. Anything else (a number, a bool, a dict, an empty path) is refused, never read as
+    paths or as "no image"."""
+    images = record.get("image", record.get("images"))
+    if images is None:
+        return []
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
+        raise DataError(f"{where}: 'image' must be a path or a list of paths, got {json.dumps(images)[:80]}; "
+                        "leave it out for a text-only sample.", kind="malformed_sample")
+    for image in images:
+        _check_encodable(image, f"{where}: image path")
+    return images
+
+
+def _check_encodable(text: str, where: str) -> None:
+    """Refuse text with lone surrogates ("\\ud800" in JSON): no tokenizer or file system can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{where} contains {text[error.start]!r}, a lone UTF-16 surrogate (broken escape in the "
+                        "JSON); fix or remove it.", kind="invalid_text") from None
 
 
 def iter_samples(data_paths: list[str]):
@@ -131,14 +170,15 @@ def load_samples(data_paths: list[str]) -> list[Sample]:
 
 def resolve_image_path(image_folder: str | None, relative: str, sample: Sample,
                        allow_absolute: bool = False) -> str:
-    """`relative` inside `image_folder`; refuse absolute paths and `..` escapes (untrusted data) unless allowed."""
+    """`relative` inside `image_folder`, symlinks resolved; refuse absolute paths, `..` escapes and symlinks that
+    point out of the folder (untrusted data) unless allowed."""
     if image_folder is None and not (allow_absolute and os.path.isabs(relative)):
         raise DataError(f"{sample.describe()} has images but --image_folder is not set; pass the folder its "
                         "image paths are relative to.", kind="no_image_folder")
     if allow_absolute:
         return os.path.join(image_folder or "", relative)
-    folder = os.path.normpath(image_folder)
-    path = os.path.normpath(os.path.join(folder, relative))
+    folder = os.path.realpath(image_folder)
+    path = os.path.realpath(os.path.join(folder, relative))  # symlinks resolved: a link out of the folder leaves it
     if os.path.isabs(relative) or not path.startswith(folder + os.sep):
         raise DataError(f"{sample.describe()}: image path {relative!r} leaves --image_folder; use a path relative "
                         "to it, or pass --allow_absolute_image_paths True if you trust this data.",
@@ -146,18 +186,63 @@ def resolve_image_path(image_folder: str | None, relative: str, sample: Sample,
     return path
 
 
+class NotARegularFile(OSError):
+    """An image path that names a FIFO, device, socket or folder: opening it could block forever."""
+
+
 def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
-    """Open an image as RGB, honouring EXIF orientation (phone photos) and flattening palette/alpha/grayscale;
+    """Open an image as RGB, honouring EXIF orientation (phone photos) and converting every PIL mode (see `to_rgb`);
     above `max_pixels` (--max_image_pixels) it is downsized, see `downsize_image`.
 
     Every reader of images (training data, the sample callback, inference) comes through here, so they all
     preprocess alike. Images above PIL's pixel limit (`Image.MAX_IMAGE_PIXELS`, ~89 MP) are refused as likely
-    decompression bombs rather than decoded.
+    decompression bombs rather than decoded. Anything but a regular file is refused before it is opened: reading
+    a FIFO would wait forever for a writer.
     """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise NotARegularFile(f"{path} is not a regular file (a FIFO, device, socket or folder)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            return downsize_image(ImageOps.exif_transpose(image).convert("RGB"), max_pixels)
+            return downsize_image(to_rgb(ImageOps.exif_transpose(image)), max_pixels)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, whatever its mode.
+
+    Why not `convert("RGB")` alone: PIL clips 16- and 32-bit grayscale ("I;16", "I") and float ("F") pixels to
+    0-255 (a 16-bit gradient becomes almost white), and drops alpha, showing whatever colour transparent pixels
+    hold. Here "I;16*" values are scaled from 16 to 8 bits; "I" (32-bit) ones are taken as 8-bit within 0-255, as
+    16-bit within 0-65535 (how older Pillow opens 16-bit PNGs), else scaled by their range; "F" ones within 0-1
+    are scaled by 255, else treated like "I". Transparency (RGBA, LA, PA, P with a transparent colour) is
+    composited over white.
+    """
+    if image.mode.startswith("I") or image.mode == "F":
+        image = Image.fromarray(_to_uint8(np.asarray(image), image.mode), mode="L")
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("PA", "La"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Grayscale pixels of a 16-bit, 32-bit or float PIL mode scaled to 0-255."""
+    pixels = pixels.astype(np.float64)
+    if mode.startswith("I;16"):
+        scaled = pixels / 257.0
+    elif mode == "F" and pixels.min() >= 0.0 and pixels.max() <= 1.0:
+        scaled = pixels * 255.0
+    elif pixels.min() >= 0.0 and pixels.max() <= 255.0:
+        scaled = pixels
+    elif mode == "I" and pixels.min() >= 0.0 and pixels.max() <= 65535.0:  # 16-bit PNGs in older Pillow
+        scaled = pixels / 257.0
+    else:
+        low, high = pixels.min(), pixels.max()
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def downsize_image(image: Image.Image, max_pixels: int | None) -> Image.Image:
@@ -179,6 +264,9 @@ def check_image(path: str, sample: Sample) -> None:
         load_image(path)
     except FileNotFoundError:
         raise DataError(f"{sample.describe()}: image not found: {path}", kind="missing_image") from None
+    except NotARegularFile as error:
+        raise DataError(f"{sample.describe()}: {error}; point the sample at an image file.",
+                        kind="not_a_regular_file") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         raise DataError(f"{sample.describe()}: image {path} refused as a possible decompression bomb ({error}); "
                         "downscale it.", kind="image_too_large") from None

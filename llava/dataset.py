@@ -92,6 +92,8 @@ def build_dataset(data_paths: list[str], processor: ProcessorMixin, max_length: 
             raise DataError(f"invalid training data (nothing was trained; fix these samples or pass "
                             f"--skip_invalid_samples True to drop them):\n{result.report()}")
         logger.warning("skipping invalid samples:\n%s", result.report(limit=20))
+    elif result.warnings:
+        logger.warning("training data warnings:\n%s", result.report(limit=20))
     if not result.samples:
         raise DataError(f"no valid samples in {', '.join(data_paths)}.", kind="no_samples")
     return LlavaDataset(result.samples, result.store, processor, image_folder, allow_absolute_image_paths,

@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import AutoProcessor, ProcessorMixin
 
 from llava.conversation import ConversationEncoder, Message
+from llava.final_output import check_final_output
 from llava.lora import is_adapter_checkpoint, load_merged_model
 from llava.model import LlavaForConditionalGeneration
 
@@ -29,7 +30,8 @@ class InferenceArguments:
 
 def load_for_inference(path: str, dtype: str = "float32"):
     """(model in eval mode, processor) from a LLaVA checkpoint folder or hub id; a LoRA checkpoint-N is merged
-    into its base first."""
+    into its base first. A run's final output left half-published by a kill is refused (`check_final_output`)."""
+    check_final_output(path)
     if is_adapter_checkpoint(path):
         model, processor = load_merged_model(path, getattr(torch, dtype))
     else:

@@ -174,15 +174,14 @@ def load_merged_model(path: str, dtype: torch.dtype = torch.float32, base_model_
     return merged.to(dtype), AutoProcessor.from_pretrained(folder)
 
 
-def save_lora_output(trainer: Trainer, merge: bool) -> None:
-    """Write a LoRA run's final output_dir: the merged plain LLaVA with the adapter in `adapter/`, or (merge False)
-    an adapter checkpoint like checkpoint-N.
+def save_lora_output(trainer: Trainer, merge: bool, output_dir: str) -> None:
+    """Write a LoRA run's final output into `output_dir` (the staging folder of `LlavaTrainer.save_final_output`):
+    the merged plain LLaVA with the adapter in `adapter/`, or (merge False) an adapter checkpoint like checkpoint-N.
 
     The merge runs as `python -m llava.merge_lora` in a fresh process: it holds the whole base in float32, and
     beside this process's training memory (the model, allocator caches of freed activations) that would be the
-    run's peak. If it fails, the adapter is already saved and the command can be rerun by hand.
+    run's peak. If it fails, nothing is published: the run's newest checkpoint-N holds the same adapter.
     """
-    output_dir = trainer.args.output_dir
     if not merge:
         trainer.save_model(output_dir)
         return
@@ -191,5 +190,6 @@ def save_lora_output(trainer: Trainer, merge: bool) -> None:
     if trainer.args.should_save:
         command = [sys.executable, "-m", "llava.merge_lora", "--checkpoint", adapter_dir, "--output_dir", output_dir]
         if subprocess.run(command).returncode != 0:
-            raise RuntimeError(f"Merging the adapters failed (see above); the adapter is saved in {adapter_dir}. "
-                               f"Rerun: {' '.join(command[1:])}")
+            raise RuntimeError("Merging the adapters failed (see above), so the final output was not written; the "
+                               "newest checkpoint-N in --output_dir holds the adapter: merge it with python -m "
+                               "llava.merge_lora --checkpoint <it> --output_dir <folder>.")

@@ -33,6 +33,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from llava.arguments import ModelArguments
+from llava.final_output import check_final_output
 from llava.processor import IGNORE_INDEX, image_token_count, tower_config
 
 logger = logging.getLogger(__name__)
@@ -71,11 +72,14 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         Why: transformers treats this class as custom code (it lives outside the library), so it skips Llava's own
         renaming of llava-hf names; `key_mapping` brings it back. Names of earlier saves of this project
         (`model.language_model.model.*`) are mapped by the LM's own transformers mapping, as before. transformers
-        only warns about missing or unexpected weights and initialises them randomly; this raises instead.
+        only warns about missing or unexpected weights and initialises them randomly; this raises instead. A run's
+        final output that a kill left half-published is refused (`check_final_output`).
         """
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        check_final_output(path)
         model, info = super().from_pretrained(*args, key_mapping={**_FROM_HUB, **(key_mapping or {})},
                                               output_loading_info=True, **kwargs)
-        _check_loading_info(info, model, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        _check_loading_info(info, model, path)
         return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs) -> None:

@@ -12,6 +12,7 @@ instead of one waiting forever in a collective the others never join.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -61,3 +62,19 @@ class PreemptionCallback(TrainerCallback):
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
+
+
+def ignoring_sigterm(worker_init_fn: Callable[[int], None] | None) -> Callable[[int], None]:
+    """A DataLoader `worker_init_fn` that makes the worker ignore SIGTERM, then runs `worker_init_fn`.
+
+    Why: SLURM and Kubernetes signal the whole process group. PyTorch's workers re-raise SIGTERM and die of it, and
+    the main process then fails on the dead worker before it reaches the step boundary where it saves. The main
+    process stops them itself when training ends.
+    """
+    return functools.partial(_ignore_sigterm_then, worker_init_fn)
+
+
+def _ignore_sigterm_then(worker_init_fn: Callable[[int], None] | None, worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)

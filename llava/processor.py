@@ -18,6 +18,7 @@ from transformers import (AddedToken, AutoConfig, AutoImageProcessor, AutoModel,
                           LlavaImageProcessor, LlavaProcessor, ProcessorMixin)
 
 from llava.arguments import ModelArguments
+from llava.final_output import check_final_output
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,16 @@ def tower_config(vision_path: str, trust_remote_code: bool = False):
         raise ValueError(f"Unsupported vision tower {vision_path} (model_type {vision_config.model_type!r}): "
                          f"{_UNHOSTABLE_TOWERS[vision_config.model_type]}")
     return vision_config
+
+
+def check_vision_feature_layer(vision_config, layer: int, vision_path: str) -> None:
+    """Refuse a --vision_feature_layer the tower does not have, before any weights load (it would otherwise be an
+    IndexError at the first forward pass). The tower returns its embeddings plus one output per layer."""
+    outputs = vision_config.num_hidden_layers + 1
+    if not -outputs <= layer < outputs:
+        raise ValueError(f"--vision_feature_layer {layer} is out of range for {vision_path}: it has "
+                         f"{vision_config.num_hidden_layers} layers, so valid values are {-outputs} to {outputs - 1} "
+                         "(-1 the last layer, -2 the penultimate as in LLaVA-1.5, 0 the embeddings).")
 
 
 def _extra_vision_tokens(vision_config, height: int, width: int) -> int:
@@ -194,6 +205,7 @@ def build_processor(args: ModelArguments) -> LlavaProcessor:
             "Pass one with --chat_template (a Jinja string or a .jinja file), or use an instruct model."
         )
     vision_config = tower_config(args.vision_model_name_or_path, args.trust_remote_code)
+    check_vision_feature_layer(vision_config, args.vision_feature_layer, args.vision_model_name_or_path)
     image_processor = AutoImageProcessor.from_pretrained(args.vision_model_name_or_path,
                                                          trust_remote_code=args.trust_remote_code)
     image_processor = apply_image_aspect_ratio(image_processor, args.image_aspect_ratio)
@@ -218,9 +230,11 @@ def image_token_count(processor: ProcessorMixin) -> int:
 
 
 def load_processor(args: ModelArguments) -> ProcessorMixin:
-    """The processor of the checkpoint being continued, or a new one for an assembled model."""
+    """The processor of the checkpoint being continued (refused when half-published, see `check_final_output`),
+    or a new one for an assembled model."""
     if args.assembles_new_model:
         return build_processor(args)
+    check_final_output(args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     if args.chat_template:  # e.g. llava-hf checkpoints, whose template ends answers with no end-of-turn token
         processor.chat_template = multimodal_chat_template(_read_chat_template(args.chat_template),

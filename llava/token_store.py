@@ -24,7 +24,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -80,21 +80,28 @@ class PreparedData:
     samples: list[Sample]
     store: TokenStore
     problems: list[DataError]
+    warnings: list[DataError] = field(default_factory=list)  # trained anyway, but likely not what was meant
 
     @property
     def num_records(self) -> int:
         return len(self.samples) + len(self.problems)
 
     def report(self, limit: int | None = None) -> str:
-        """One line per problem, then a count per kind."""
-        shown = self.problems if limit is None else self.problems[:limit]
-        lines = [f"  [{p.kind}] {p}" for p in shown]
-        if len(shown) < len(self.problems):
-            lines.append(f"  ... and {len(self.problems) - len(shown)} more")
-        counts = Counter(p.kind for p in self.problems)
-        lines.append(f"{len(self.problems)} of {self.num_records} samples invalid: "
-                     + ", ".join(f"{kind} {n}" for kind, n in counts.most_common()))
+        """One line per problem, then per warning, each followed by a count per kind."""
+        lines = _listing(self.problems, limit, f"of {self.num_records} samples invalid")
+        if self.warnings:
+            lines += _listing(self.warnings, limit, "warnings (trained anyway)")
         return "\n".join(lines)
+
+
+def _listing(errors: list[DataError], limit: int | None, summary: str) -> list[str]:
+    shown = errors if limit is None else errors[:limit]
+    lines = [f"  [{e.kind}] {e}" for e in shown]
+    if len(shown) < len(errors):
+        lines.append(f"  ... and {len(errors) - len(shown)} more")
+    counts = Counter(e.kind for e in errors)
+    lines.append(f"{len(errors)} {summary}: " + ", ".join(f"{kind} {n}" for kind, n in counts.most_common()))
+    return lines
 
 
 def cache_key(data_paths: list[str], fingerprint: dict) -> str:
@@ -112,7 +119,7 @@ def save_prepared(data: PreparedData, folder: str) -> None:
     with open(os.path.join(folder, "samples.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps([s.id, s.location, s.images]) + "\n" for s in data.samples)
     with open(os.path.join(folder, "problems.json"), "w", encoding="utf-8") as f:
-        json.dump([[str(p), p.kind] for p in data.problems], f)
+        json.dump({name: [[str(e), e.kind] for e in getattr(data, name)] for name in ("problems", "warnings")}, f)
 
 
 def load_prepared(folder: str) -> PreparedData:
@@ -120,11 +127,11 @@ def load_prepared(folder: str) -> PreparedData:
         samples = [Sample(id=i, location=location, messages=[], images=images)
                    for i, location, images in map(json.loads, f)]
     with open(os.path.join(folder, "problems.json"), encoding="utf-8") as f:
-        problems = [DataError(message, kind) for message, kind in json.load(f)]
+        errors = {name: [DataError(message, kind) for message, kind in listed] for name, listed in json.load(f).items()}
     store = TokenStore.load(folder)
     if len(store) != len(samples):
         raise ValueError(f"{folder}: {len(store)} tokenized samples but {len(samples)} sample records")
-    return PreparedData(samples, store, problems)
+    return PreparedData(samples, store, errors["problems"], errors["warnings"])
 
 
 def cached(cache_dir: str | None, key: str, build: Callable[[], PreparedData]) -> PreparedData:

@@ -11,16 +11,18 @@ import sys
 import torch
 from transformers import ProcessorMixin, TrainerCallback, set_seed
 
-from llava.arguments import LlavaTrainingArguments, ModelArguments, parse_args
+from llava.arguments import DataArguments, LlavaTrainingArguments, ModelArguments, parse_args
 from llava.callbacks import SampleAnswersCallback
 from llava.collator import LlavaDataCollator
 from llava.data import load_samples
 from llava.dataset import build_dataset
+from llava.final_output import finish_interrupted_publish
 from llava.lora import load_lora_model, save_lora_output
 from llava.model import load_model, set_trainable
 from llava.processor import load_processor
 from llava.preemption import PREEMPTED_EXIT_CODE
 from llava.recompute import recompute_mlp_activations
+from llava.run_lock import run_lock
 from llava.trainer import LlavaTrainer
 
 logger = logging.getLogger("llava")
@@ -47,11 +49,23 @@ def build_model(model_args: ModelArguments, training_args: LlavaTrainingArgument
 
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> LlavaTrainer:
-    """Train as the flags in `argv` say; `callbacks` are added to the Trainer's (e.g. a benchmark's timer)."""
+    """Train as the flags in `argv` say; `callbacks` are added to the Trainer's (e.g. a benchmark's timer).
+
+    The output_dir is checked to be writable and locked for this run first (`llava.run_lock`): nothing is
+    loaded for a run that could not save, or that would write over another run's files."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         stream=sys.stdout)
     model_args, data_args, training_args = parse_args(argv)
+    with run_lock(training_args.output_dir):
+        return train(model_args, data_args, training_args, callbacks)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: LlavaTrainingArguments,
+          callbacks: list[TrainerCallback] | None) -> LlavaTrainer:
+    """`main` once the output_dir is locked."""
     set_seed(training_args.seed)
+    if training_args.should_save:
+        finish_interrupted_publish(training_args.output_dir)
 
     # Data is checked with the processor alone, before any weights load: a bad sample costs seconds, not a 7B load.
     processor = load_processor(model_args)
@@ -78,11 +92,10 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
                        "--resume_from_checkpoint True to continue. Exit status %d.", trainer.state.global_step,
                        PREEMPTED_EXIT_CODE)
         raise SystemExit(PREEMPTED_EXIT_CODE)
-    trainer.save_state()
-    if training_args.lora_enable:
-        save_lora_output(trainer, merge=training_args.merge_lora)  # merged LLaVA + adapter/, see llava.lora
-    else:
-        trainer.save_model()  # final weights + config + processor in --output_dir
+    if training_args.lora_enable:  # merged LLaVA + adapter/, see llava.lora
+        trainer.save_final_output(lambda folder: save_lora_output(trainer, training_args.merge_lora, folder))
+    else:  # final weights + config + processor
+        trainer.save_final_output(trainer.save_model)
     return trainer
 
 

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import PreTrainedModel, Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.arguments import LlavaTrainingArguments
-from llava.checkpoints import mark_complete, remove_checkpoint, resolve_resume_checkpoint, rotate_checkpoints
+from llava.checkpoints import (begin_save, latest_complete_checkpoint, mark_complete, resolve_resume_checkpoint,
+                               rotate_checkpoints)
 from llava.dataset import LlavaDataset
+from llava.final_output import prepare_staging, publish_final_output, staging_folder
 from llava.model import components, parameter_table
-from llava.preemption import PreemptionCallback
+from llava.preemption import PreemptionCallback, ignoring_sigterm
 from llava.processor import save_processor
 
 TRAINING_ARGS_JSON = "training_args.json"
@@ -35,8 +38,10 @@ class LlavaTrainer(Trainer):
     - Optimizer parameter groups per component (`--projector_lr`, `--vision_lr`), see `parameter_groups`.
     - Resuming a full-weight checkpoint restores every weight (see `_load_from_checkpoint`).
     - Crash-safe checkpoints: a checkpoint-N counts only once complete, and `resume_from_checkpoint=True` picks the
-      latest complete one or starts fresh (see `_save_checkpoint`, `train` and `llava.checkpoints`).
-    - SIGTERM saves a checkpoint at the next step boundary and stops training; `preempted` then says so.
+      latest complete one (or a verified foreign one) or starts fresh (see `_save_checkpoint`, `train` and
+      `llava.checkpoints`); the final output is published atomically (`save_final_output`).
+    - SIGTERM saves a checkpoint at the next step boundary and stops training; `preempted` then says so. Dataloader
+      workers ignore it, so a signal to the whole process group still gets its checkpoint.
     - Writes training arguments as JSON (`training_args.json`) instead of transformers' pickled training_args.bin.
     """
 
@@ -79,15 +84,24 @@ class LlavaTrainer(Trainer):
         """Trainer's checkpoint save, made crash-safe: the folder is marked complete only after every process has
         written its part, and old checkpoints are rotated (`--save_total_limit`) only after that.
 
-        A folder left by a save that was killed at this step is deleted first, so stale files never mix in.
+        A folder of ours at this step (left by a save that was killed) is deleted first, so stale files never mix
+        in; a foreign one is moved aside (`begin_save`). A full disk is reported as such, naming the folder.
         """
         folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save and os.path.isdir(folder):
-            remove_checkpoint(folder)
+        if self.args.should_save:
+            begin_save(folder)
         self.accelerator.wait_for_everyone()  # no process writes into the folder while it is being deleted
         limit = self.args.save_total_limit
-        with self._rotation_deferred():
-            super()._save_checkpoint(model, trial)
+        try:
+            with self._rotation_deferred():
+                super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as error:
+            if not _out_of_space(error):
+                raise
+            raise OSError(errno.ENOSPC, f"No space left on device while saving {folder} ({error}). That folder is "
+                          "incomplete and will not be resumed from; the previous checkpoint, "
+                          f"{latest_complete_checkpoint(os.path.dirname(folder)) or 'none'}, is kept. Free space "
+                          "(or lower --save_total_limit) and rerun with --resume_from_checkpoint True.") from error
         self.accelerator.wait_for_everyone()  # every process has written its files
         if self.args.should_save:
             mark_complete(folder, self.state.global_step)
@@ -119,6 +133,28 @@ class LlavaTrainer(Trainer):
             with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
                 json.dump(values, f, indent=2, sort_keys=True)
             os.remove(os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def save_final_output(self, write: Callable[[str], None]) -> None:
+        """Write the run's final output atomically: `write(folder)` saves it into a staging folder inside
+        output_dir (with the trainer state), which `publish_final_output` then moves into place (see
+        `llava.final_output`). Every process calls this (saving may gather weights from all of them)."""
+        output_dir = self.args.output_dir
+        if self.args.should_save:
+            staging = prepare_staging(output_dir)
+            self.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        write(staging_folder(output_dir))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_final_output(output_dir)
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """Trainer's dataloader, whose worker processes ignore SIGTERM: a scheduler signals the whole process
+        group, and a worker dying of it would kill the run before the main process saves its checkpoint."""
+        dataloader = super().get_train_dataloader()
+        loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate's adapter wraps the DataLoader
+        loader.worker_init_fn = ignoring_sigterm(loader.worker_init_fn)
+        return dataloader
 
     def _any_process(self, flag: bool) -> bool:
         """True if `flag` is True on any process of the run (every process must call this at the same point)."""
@@ -158,6 +194,13 @@ class LlavaTrainer(Trainer):
         if model is not None and not {"params", "model", "optimizer_dict"} & optimizer_kwargs.keys():
             optimizer_kwargs["params"] = parameter_groups(model, args, set(self.get_decay_parameter_names(model)))
         return optimizer_cls, optimizer_kwargs
+
+
+def _out_of_space(error: Exception) -> bool:
+    """Whether a save failed for a full disk: ENOSPC, or torch's zip writer's way of saying so ("unexpected pos")."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return "unexpected pos" in str(error) or "No space left on device" in str(error)
 
 
 def parameter_groups(model: torch.nn.Module, args: LlavaTrainingArguments, decay_names: set[str]) -> list[dict]:

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.problems:
         print(result.report())
         return 1
+    if result.warnings:
+        print(result.report())
     print(f"all {result.num_records} samples valid")
     return 0
 

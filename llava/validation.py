@@ -21,7 +21,8 @@ _POOL_THRESHOLD = 2000
 
 
 class SampleChecker:
-    """Tokenizes one sample and checks its turns and images; returns (encoded, None) or (None, DataError)."""
+    """Tokenizes one sample and checks its turns and images; returns (encoded, None, warnings) or
+    (None, DataError, [])."""
 
     def __init__(self, encoder: ConversationEncoder, image_folder: str | None, allow_absolute_image_paths: bool):
         self.encoder = encoder
@@ -31,21 +32,54 @@ class SampleChecker:
 
     def __call__(self, sample: Sample | DataError):
         if isinstance(sample, DataError):
-            return None, sample
+            return None, sample, []
         try:
-            if sample.messages[-1].role != "assistant":
-                raise DataError(f"{sample.describe()}: the last turn is the {sample.messages[-1].role}'s, so "
-                                "it is never answered; end every conversation with an assistant turn.",
-                                kind="last_turn_not_assistant")
-            encoded = self.encoder.encode_compact(sample)
+            _check_turn_order(sample)
+            warnings = self._image_in_answer(sample)
+            encoded = self.encoder.encode_compact(sample, warnings)
             for relative in sample.images:
                 path = resolve_image_path(self.image_folder, relative, sample, self.allow_absolute_image_paths)
                 if path not in self._checked_images:
                     check_image(path, sample)
                     self._checked_images.add(path)
-            return encoded, None
+            return encoded, None, warnings
         except DataError as error:
-            return None, error
+            return None, error, []
+
+    def _image_in_answer(self, sample: Sample) -> list[DataError]:
+        """A warning for an image placeholder inside an assistant turn: the model would be trained to see an image
+        in its own answer (the image tokens are never trained, the text around them is)."""
+        token = self.encoder.image_token
+        return [DataError(f"{sample.describe()}: turn {i} (assistant) contains {token}; images belong in user turns.",
+                          kind="image_in_assistant_turn")
+                for i, m in enumerate(sample.messages) if m.role == "assistant" and token in m.content]
+
+
+def _check_turn_order(sample: Sample) -> None:
+    """The conversation opens with the user (after an optional system turn) and ends with the assistant."""
+    first = next((m for m in sample.messages if m.role != "system"), None)
+    if first is not None and first.role == "assistant":
+        raise DataError(f"{sample.describe()}: the conversation starts with an assistant turn, answering nothing; "
+                        "start it with the user's question (a 'human' turn).", kind="first_turn_assistant")
+    if sample.messages[-1].role != "assistant":
+        raise DataError(f"{sample.describe()}: the last turn is the {sample.messages[-1].role}'s, so "
+                        "it is never answered; end every conversation with an assistant turn.",
+                        kind="last_turn_not_assistant")
+
+
+def _duplicate_ids(items: list[Sample | DataError]) -> list[DataError]:
+    """A warning for every sample whose id an earlier sample already has (merged or repeated exports)."""
+    first_seen: dict[str, Sample] = {}
+    warnings = []
+    for item in items:
+        if isinstance(item, DataError):
+            continue
+        if item.id in first_seen:
+            warnings.append(DataError(f"{item.describe()}: same id as {first_seen[item.id].location}; ids should "
+                                      "be unique (a duplicated export?).", kind="duplicate_id"))
+        else:
+            first_seen[item.id] = item
+    return warnings
 
 
 _worker_checker: SampleChecker | None = None  # set before forking, inherited by pool workers
@@ -73,12 +107,13 @@ def validate(data_paths: list[str], processor: ProcessorMixin, max_length: int, 
             _worker_checker = None
     else:
         outcomes = [checker(item) for item in tqdm(items, **progress)]
-    samples, encoded, problems = [], [], []
-    for item, (tokens, problem) in zip(items, outcomes):
+    samples, encoded, problems, all_warnings = [], [], [], _duplicate_ids(items)
+    for item, (tokens, problem, warnings) in zip(items, outcomes):
+        all_warnings += warnings
         if problem is not None:
             problems.append(problem)
         else:  # training needs no texts any more: only what locates the sample and its images
             samples.append(Sample(id=item.id, location=item.location, messages=[], images=item.images))
             encoded.append(tokens)
     lengths = [checker.encoder.expanded_length(tokens["input_ids"]) for tokens in encoded]
-    return PreparedData(samples, TokenStore.from_samples(encoded, lengths), problems)
+    return PreparedData(samples, TokenStore.from_samples(encoded, lengths), problems, all_warnings)

@@ -15,7 +15,7 @@ import time
 import pytest
 from transformers.trainer_utils import get_last_checkpoint
 
-from llava.checkpoints import (COMPLETE_MARKER, is_complete, latest_complete_checkpoint, mark_complete,
+from llava.checkpoints import (COMPLETE_MARKER, SAVING_MARKER, is_complete, latest_complete_checkpoint, mark_complete,
                                resolve_resume_checkpoint, rotate_checkpoints)
 from llava.preemption import PREEMPTED_EXIT_CODE
 from llava.train import main
@@ -26,8 +26,11 @@ from tests.test_train_cli import REPO, assert_loads_and_generates
 
 
 def fake_checkpoint(output_dir, step, complete=True):
+    """A checkpoint-N of ours: complete, or (complete False) left by a save that was killed."""
     path = os.path.join(output_dir, f"checkpoint-{step}")
     os.makedirs(path)
+    with open(os.path.join(path, SAVING_MARKER), "w") as f:
+        f.write("{}")
     with open(os.path.join(path, "model.safetensors"), "w") as f:
         f.write("weights")
     if complete:
