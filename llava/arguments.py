@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_pt_utils import AcceleratorConfig
+
+from llava.distributed import start_deepspeed_on_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +277,9 @@ class LlavaTrainingArguments(TrainingArguments):
         if fsdp and self.use_cpu:
             logger.warning("FSDP is ignored on CPU (accelerate shards only GPU runs): the processes run DDP, each "
                            "holding the whole model. Use GPUs for FSDP.")
+        if self.deepspeed and self.use_cpu:
+            raise ValueError("--deepspeed with --use_cpu True: accelerate would skip DeepSpeed and run plain DDP. "
+                             "Drop --use_cpu: without a GPU DeepSpeed runs on its CPU accelerator over gloo.")
         if self.freeze_vision_model and self.freeze_projector and self.freeze_language_model:
             raise ValueError(
                 "Every component is frozen, so nothing would train. Unfreeze at least one of "
@@ -286,16 +292,23 @@ class LlavaTrainingArguments(TrainingArguments):
         """Defaults for runs under torchrun / accelerate launch, where transformers' own would fail or mislead.
 
         - No GPU: accelerate then runs every process alone, each training on all the data and writing the same
-          output_dir, unless --use_cpu True, which makes them one DDP run over gloo. Set it.
+          output_dir, unless --use_cpu True, which makes them one DDP run over gloo. Set it, except under
+          --deepspeed, where --use_cpu True would make accelerate skip DeepSpeed (silently plain DDP): DeepSpeed
+          runs on its CPU accelerator instead, over gloo (see `llava.distributed.start_deepspeed_on_cpu`).
         - --ddp_find_unused_parameters unset: True only when the vision tower trains, because its layers after
           --vision_feature_layer (and post_layernorm) never get a gradient; transformers' default (False under
           gradient checkpointing) then fails at the second step. Every other trainable weight is used at every step
-          (text-only batches too, see `LlavaForConditionalGeneration._blank_image_term`), so DDP skips the search.
+          (text-only batches too, see `LlavaForConditionalGeneration._encodes_images_first`), so DDP skips the search.
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1 and not self.use_cpu and not torch.accelerator.is_available():
-            logger.info("%d processes and no GPU: training on CPU with gloo (--use_cpu True).", world_size)
-            self.use_cpu = True
+            if self.deepspeed:
+                logger.info("%d processes and no GPU: DeepSpeed on its CPU accelerator over gloo.", world_size)
+                start_deepspeed_on_cpu(self.ddp_timeout)
+                self.accelerator_config = _keeping_started_state(self.accelerator_config)
+            else:
+                logger.info("%d processes and no GPU: training on CPU with gloo (--use_cpu True).", world_size)
+                self.use_cpu = True
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = not self.freeze_vision_model
 
@@ -330,6 +343,17 @@ class LlavaTrainingArguments(TrainingArguments):
         if self.lora_r <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"Need --lora_r > 0 and 0 <= --lora_dropout < 1, got {self.lora_r} and "
                              f"{self.lora_dropout}.")
+
+
+def _keeping_started_state(config: AcceleratorConfig | dict | str | None) -> AcceleratorConfig:
+    """`--accelerator_config` (None, a dict or a JSON file, as TrainingArguments reads it) with
+    `use_configured_state` on, so that TrainingArguments keeps the process group started before it instead of
+    resetting it."""
+    if not isinstance(config, AcceleratorConfig):
+        config = AcceleratorConfig.from_json_file(config) if isinstance(config, str) else AcceleratorConfig(
+            **(config or {}))
+    config.use_configured_state = True
+    return config
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LlavaTrainingArguments]:

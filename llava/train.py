@@ -37,10 +37,9 @@ def build_model(model_args: ModelArguments, training_args: LlavaTrainingArgument
         set_trainable(model, vision_tower=not training_args.freeze_vision_model,
                       projector=not training_args.freeze_projector,
                       language_model=not training_args.freeze_language_model)
-    if training_args.gradient_checkpointing:
-        # With frozen embeddings the checkpointed blocks would see inputs without grad and drop the gradient.
-        model.enable_input_require_grads()
-    elif training_args.recompute_mlp_activations and not training_args.lora_enable \
+    # --gradient_checkpointing: the Trainer switches it on, through `LlavaForConditionalGeneration`'s overrides
+    # (only the LM's embeddings made to require grad; a frozen tower is not checkpointed).
+    if not training_args.gradient_checkpointing and training_args.recompute_mlp_activations and not training_args.lora_enable \
             and not training_args.freeze_language_model:
         recompute_mlp_activations(model.model.language_model)
     return model
