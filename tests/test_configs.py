@@ -1,5 +1,5 @@
 """Every shipped file under configs/ parses, and says what README promises (launch recipes are tested in
-test_distributed.py; DeepSpeed itself needs a GPU machine and is not a dependency)."""
+test_distributed.py and, for DeepSpeed, test_deepspeed.py)."""
 
 import glob
 import importlib.util
