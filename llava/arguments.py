@@ -372,7 +372,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     else:
         parsed = parser.parse_args_into_dataclasses(args=argv)
     check_quantization(parsed[0], parsed[2])
+    load_in_deepspeed_precision(parsed[0], parsed[2])
     return parsed
+
+
+def load_in_deepspeed_precision(model_args: ModelArguments, training_args: LlavaTrainingArguments) -> None:
+    """Under --deepspeed with --bf16/--fp16, load the weights in that 16-bit dtype instead of float32.
+
+    Why: DeepSpeed casts the whole model to the 16-bit dtype when it takes it over and keeps the fp32 master
+    weights of what trains in its optimizer, so fp32 weights at load time only double each process's host memory
+    until then. (Plain DDP and FSDP with --bf16 train under autocast: there the fp32 weights are the master weights
+    and stay.)
+    """
+    if not training_args.deepspeed or model_args.dtype != "float32" or model_args.quantized:
+        return
+    if training_args.bf16 or training_args.fp16:
+        model_args.dtype = "bfloat16" if training_args.bf16 else "float16"
+        logger.info("--deepspeed with --%s True: loading the weights in %s (DeepSpeed keeps the fp32 master "
+                    "weights in its optimizer).", "bf16" if training_args.bf16 else "fp16", model_args.dtype)
 
 
 def check_quantization(model_args: ModelArguments, training_args: LlavaTrainingArguments) -> None:

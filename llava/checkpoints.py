@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -106,8 +107,9 @@ def _fsync_dir(path: str) -> None:
 def mark_complete(path: str, step: int) -> None:
     """Declare checkpoint `path` complete: flush its files, then write the marker atomically (temp file + rename)."""
     _fsync_tree(path)
-    files = sorted(os.listdir(path))
-    temporary = os.path.join(path, COMPLETE_MARKER + ".tmp")
+    files = sorted(name for name in os.listdir(path) if not name.startswith(COMPLETE_MARKER))
+    # Unique per process: with --save_on_each_node on a shared filesystem, every node's main process marks it.
+    temporary = os.path.join(path, f"{COMPLETE_MARKER}.{socket.gethostname()}.{os.getpid()}.tmp")
     with open(temporary, "w", encoding="utf-8") as f:
         json.dump({"global_step": step, "files": files}, f)
         f.flush()
@@ -120,9 +122,11 @@ def remove_checkpoint(path: str) -> None:
     """Delete a checkpoint folder, its marker first: a deletion cut short leaves an incomplete folder, never a
     complete-looking one with files missing."""
     marker = os.path.join(path, COMPLETE_MARKER)
-    if os.path.exists(marker):
+    try:
         os.remove(marker)
         _fsync_dir(path)
+    except FileNotFoundError:  # none, or another node's process (--save_on_each_node, shared filesystem) was first
+        pass
     shutil.rmtree(path, ignore_errors=True)
 
 

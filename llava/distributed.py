@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from transformers.integrations import deepspeed as hf_deepspeed
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -49,3 +52,26 @@ def start_deepspeed_on_cpu(timeout_s: int) -> None:
         PartialState(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     finally:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
+
+def decided_by_main_process(decide: Callable[[], T]) -> T:
+    """`decide()` computed once, by global rank 0, and its result (or its exception) given to every process.
+
+    Why: decisions that read shared state, such as which checkpoint `--resume_from_checkpoint True` means, can come
+    out differently per process (a network filesystem's cached listings, a save finishing between two reads);
+    processes resuming from different steps would then train out of step. Every process must call this at the
+    same point.
+    """
+    if not multi_process():
+        return decide()
+    outcome: list = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            outcome[0] = (decide(), None)
+        except Exception as error:  # raised on every process below, not only here (others would wait forever)
+            outcome[0] = (None, error)
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    value, error = outcome[0]
+    if error is not None:
+        raise error
+    return value

@@ -524,6 +524,49 @@ def load_llava(path: str, args: ModelArguments,
     return _quantized(path, quantization, **kwargs)
 
 
+def load_saved_weights(model: LlavaForConditionalGeneration, folder: str) -> bool:
+    """Copy the weights saved in `folder` (a checkpoint of the same model) into `model` in place, tensor by tensor,
+    strictly; False, loading nothing, when the saved layout is not a one-to-one renaming of the model's weights
+    (towers or LMs whose 4.x layout merges or splits tensors, .bin checkpoints): then load with `from_pretrained`.
+
+    Why: resuming through `from_pretrained` builds a second full model next to the one being trained (a full host
+    copy per process, in the checkpoint's dtype). Here at most one tensor is held at a time, cast to the dtype of
+    the weight it replaces.
+
+    Raises:
+        ValueError: a saved tensor with no place in `model`, or a weight of `model` missing from the files.
+    """
+    files = _safetensors_files(folder)
+    in_memory = _saved_names(model)
+    if not files or in_memory is None:
+        return False
+    weights = model.state_dict()  # tensors sharing storage with the parameters and buffers
+    loaded = set()
+    with torch.no_grad():
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    if key not in in_memory:
+                        raise ValueError(f"{folder}: tensor {key!r} is not a weight of this model.")
+                    weights[in_memory[key]].copy_(handle.get_tensor(key))
+                    loaded.add(in_memory[key])
+    missing = sorted(set(in_memory.values()) - loaded)
+    if missing:
+        raise ValueError(f"{folder} lacks {len(missing)} weights of this model (e.g. {missing[:5]}).")
+    return True
+
+
+def _saved_names(model: LlavaForConditionalGeneration) -> dict[str, str] | None:
+    """On-disk (llava-hf) name -> in-memory name of each weight, as `save_pretrained` writes them; None when a
+    legacy layout merges or splits tensors. Found by passing weightless stand-ins through `hub_state_dict`."""
+    tied = set(model.all_tied_weights_keys)  # left out of saves, as `save_pretrained` does
+    stand_ins = {name: torch.empty(0, device="meta") for name in model.state_dict() if name not in tied}
+    by_identity = {id(t): name for name, t in stand_ins.items()}
+    saved = hub_state_dict(model, stand_ins)
+    names = {key: by_identity.get(id(t)) for key, t in saved.items()}
+    return None if None in names.values() else names
+
+
 # --------------------------------------------------------------------------------------------- quantization
 
 # Modules kept in full precision, as full names from the LLaVA root. transformers 5.x matches skip patterns from

@@ -5,8 +5,10 @@ Run as `python train_llava.py ...` (or a single .json/.yaml config file); see RE
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 import torch
 from transformers import ProcessorMixin, TrainerCallback, set_seed
@@ -45,6 +47,20 @@ def build_model(model_args: ModelArguments, training_args: LlavaTrainingArgument
     return model
 
 
+@contextlib.contextmanager
+def _reports_only_where_logged(training_args: LlavaTrainingArguments) -> Iterator[None]:
+    """Keep this package's reports (e.g. the invalid-sample summary) to the process that logs (global rank 0):
+    every process checks the same data, and N copies of one report bury it. Errors still show everywhere."""
+    package = logging.getLogger("llava")
+    level = package.level
+    if not training_args.should_log:
+        package.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        package.setLevel(level)
+
+
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> LlavaTrainer:
     """Train as the flags in `argv` say; `callbacks` are added to the Trainer's (e.g. a benchmark's timer)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
@@ -53,11 +69,14 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     set_seed(training_args.seed)
 
     # Data is checked with the processor alone, before any weights load: a bad sample costs seconds, not a 7B load.
+    # Each node's main process goes first (the others then find what it cached); the report is printed once.
     processor = load_processor(model_args)
-    train_dataset = build_dataset(data_args.data_paths, processor, data_args.model_max_length, data_args.image_folder,
-                                  skip_invalid=data_args.skip_invalid_samples,
-                                  allow_absolute_image_paths=data_args.allow_absolute_image_paths,
-                                  max_image_pixels=data_args.max_image_pixels)
+    with training_args.main_process_first(local=True, desc="data validation and tokenization"), \
+            _reports_only_where_logged(training_args):
+        train_dataset = build_dataset(data_args.data_paths, processor, data_args.model_max_length,
+                                      data_args.image_folder, skip_invalid=data_args.skip_invalid_samples,
+                                      allow_absolute_image_paths=data_args.allow_absolute_image_paths,
+                                      max_image_pixels=data_args.max_image_pixels)
     logger.info("%d training samples from %s", len(train_dataset), ", ".join(data_args.data_paths))
     callbacks = list(callbacks or [])
     if data_args.sample_data_path:
