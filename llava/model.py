@@ -526,33 +526,30 @@ def load_llava(path: str, args: ModelArguments,
 
 def load_saved_weights(model: LlavaForConditionalGeneration, folder: str) -> bool:
     """Copy the weights saved in `folder` (a checkpoint of the same model) into `model` in place, tensor by tensor,
-    strictly; False, loading nothing, when the saved layout is not a one-to-one renaming of the model's weights
-    (towers or LMs whose 4.x layout merges or splits tensors, .bin checkpoints): then load with `from_pretrained`.
+    strictly; False, loading nothing, when the files are not exactly what `save_pretrained` writes for this model
+    (earlier saves' names, towers or LMs whose 4.x layout merges or splits tensors, .bin checkpoints): then load
+    with `from_pretrained`, which maps those.
 
     Why: resuming through `from_pretrained` builds a second full model next to the one being trained (a full host
     copy per process, in the checkpoint's dtype). Here at most one tensor is held at a time, cast to the dtype of
     the weight it replaces.
-
-    Raises:
-        ValueError: a saved tensor with no place in `model`, or a weight of `model` missing from the files.
     """
     files = _safetensors_files(folder)
     in_memory = _saved_names(model)
     if not files or in_memory is None:
         return False
+    handles_keys = []
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            handles_keys.append((file, list(handle.keys())))
+    if sorted(key for _, keys in handles_keys for key in keys) != sorted(in_memory):
+        return False
     weights = model.state_dict()  # tensors sharing storage with the parameters and buffers
-    loaded = set()
     with torch.no_grad():
-        for file in files:
+        for file, keys in handles_keys:
             with safe_open(file, framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    if key not in in_memory:
-                        raise ValueError(f"{folder}: tensor {key!r} is not a weight of this model.")
+                for key in keys:
                     weights[in_memory[key]].copy_(handle.get_tensor(key))
-                    loaded.add(in_memory[key])
-    missing = sorted(set(in_memory.values()) - loaded)
-    if missing:
-        raise ValueError(f"{folder} lacks {len(missing)} weights of this model (e.g. {missing[:5]}).")
     return True
 
 

@@ -86,3 +86,17 @@ def test_checkpoint_weights_load_in_place_in_the_training_dtype(parts, tmp_path,
         assert tensor.dtype == torch.bfloat16, name
         torch.testing.assert_close(tensor, expected[name].to(torch.bfloat16), rtol=0, atol=0, msg=name)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tie
+
+
+def test_checkpoints_in_other_layouts_are_left_to_from_pretrained(parts, llava_checkpoint, tmp_path):
+    """Earlier saves' names (here: the in-memory names) are not copied in place; `from_pretrained` maps them."""
+    from safetensors.torch import save_file
+
+    from llava.model import LlavaForConditionalGeneration, load_saved_weights
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_checkpoint)
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old" / "model.safetensors"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not load_saved_weights(model, str(tmp_path / "old"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
