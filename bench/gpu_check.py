@@ -304,11 +304,11 @@ def runs(parts: dict, size: dict) -> dict[str, tuple[list[str], bool]]:
     }
     if cuda:
         chosen["prefix_off"] = ([*stage2, *weights_only], False)  # the child switches sharing off, see `train_child`
-        chosen["qlora"] = ([*stage2, *weights_only, "--load_in_4bit", "True", "--lora_enable", "True", "--gradient_checkpointing",
-                            "True", "--learning_rate", "2e-4"], False)
+        chosen["qlora"] = ([*stage2, *weights_only, "--load_in_4bit", "True", "--lora_enable", "True",
+                            "--gradient_checkpointing", "True", "--learning_rate", "2e-4"], False)
         for stage in (2, 3):
-            chosen[f"zero{stage}"] = ([*stage2, "--deepspeed", os.path.join(REPO, f"configs/deepspeed_zero{stage}.json")],
-                                      True)
+            config = os.path.join(REPO, f"configs/deepspeed_zero{stage}.json")
+            chosen[f"zero{stage}"] = ([*stage2, "--deepspeed", config], True)
     return chosen
 
 

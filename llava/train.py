@@ -41,8 +41,8 @@ def build_model(model_args: ModelArguments, training_args: LlavaTrainingArgument
                       language_model=not training_args.freeze_language_model)
     # --gradient_checkpointing: the Trainer switches it on, through `LlavaForConditionalGeneration`'s overrides
     # (only the LM's embeddings made to require grad; a frozen tower is not checkpointed).
-    if not training_args.gradient_checkpointing and training_args.recompute_mlp_activations and not training_args.lora_enable \
-            and not training_args.freeze_language_model:
+    if training_args.recompute_mlp_activations and not (
+            training_args.gradient_checkpointing or training_args.lora_enable or training_args.freeze_language_model):
         recompute_mlp_activations(model.model.language_model)
     return model
 
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     set_seed(training_args.seed)
 
     # Data is checked with the processor alone, before any weights load: a bad sample costs seconds, not a 7B load.
-    # Each node's main process goes first (the others then find what it cached); the report is printed once.
+    # Each node's main process goes first (the others wait; a data cache, once there, is then built once per node);
+    # the report is printed once.
     processor = load_processor(model_args)
     with training_args.main_process_first(local=True, desc="data validation and tokenization"), \
             _reports_only_where_logged(training_args):
