@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 # (CPU build) where one lies there, else from PyPI (CUDA build on Linux x86-64: right for a GPU box).
 TORCH_REQUIREMENT ?= torch==2.13.0
 
-.PHONY: install install-demo install-bench test test-slow demo demo-full bench bench-quick
+.PHONY: install install-demo install-bench test test-slow demo demo-full bench bench-quick gpu-wheels
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_REQUIREMENT)"
@@ -40,3 +40,7 @@ bench: install-demo install-bench
 
 bench-quick: install-demo install-bench
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/speed/run.py --quick
+
+# The wheels bench/gpu_check.py installs on the lent GPU machine, which has no network (.whl/, ignored, ~27 MB).
+gpu-wheels:
+	$(PYTHON) bench/gpu_wheels.py

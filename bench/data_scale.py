@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -140,8 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "--language_model_name_or_path", lm, "--data_path", data_path, "--image_folder", image_folder,
                        "--freeze_language_model", "True", "--per_device_train_batch_size", "2", "--max_steps", "1",
                        "--save_strategy", "no", "--report_to", "none", "--output_dir", output_dir,
-                       "--model_max_length", "4096", "--skip_invalid_samples", "True",
-                       "--train_sampling_strategy", "random"]
+                       "--model_max_length", "4096", "--skip_invalid_samples", "True"]
             key = f"ranks_{ranks}_{state}"
             results[key] = measured(command, env)
             print(key, results[key], flush=True)

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_pt_utils import AcceleratorConfig
+
+from llava.distributed import start_deepspeed_on_cpu
 
 from llava.cache import cache_root
 
@@ -306,6 +309,9 @@ class LlavaTrainingArguments(TrainingArguments):
         if fsdp and self.use_cpu:
             logger.warning("FSDP is ignored on CPU (accelerate shards only GPU runs): the processes run DDP, each "
                            "holding the whole model. Use GPUs for FSDP.")
+        if self.deepspeed and self.use_cpu:
+            raise ValueError("--deepspeed with --use_cpu True: accelerate would skip DeepSpeed and run plain DDP. "
+                             "Drop --use_cpu: without a GPU DeepSpeed runs on its CPU accelerator over gloo.")
         if self.freeze_vision_model and self.freeze_projector and self.freeze_language_model:
             raise ValueError(
                 "Every component is frozen, so nothing would train. Unfreeze at least one of "
@@ -323,16 +329,23 @@ class LlavaTrainingArguments(TrainingArguments):
         """Defaults for runs under torchrun / accelerate launch, where transformers' own would fail or mislead.
 
         - No GPU: accelerate then runs every process alone, each training on all the data and writing the same
-          output_dir, unless --use_cpu True, which makes them one DDP run over gloo. Set it.
+          output_dir, unless --use_cpu True, which makes them one DDP run over gloo. Set it, except under
+          --deepspeed, where --use_cpu True would make accelerate skip DeepSpeed (silently plain DDP): DeepSpeed
+          runs on its CPU accelerator instead, over gloo (see `llava.distributed.start_deepspeed_on_cpu`).
         - --ddp_find_unused_parameters unset: True only when the vision tower trains, because its layers after
           --vision_feature_layer (and post_layernorm) never get a gradient; transformers' default (False under
           gradient checkpointing) then fails at the second step. Every other trainable weight is used at every step
-          (text-only batches too, see `LlavaForConditionalGeneration._blank_image_term`), so DDP skips the search.
+          (text-only batches too, see `LlavaForConditionalGeneration._encodes_images_first`), so DDP skips the search.
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1 and not self.use_cpu and not torch.accelerator.is_available():
-            logger.info("%d processes and no GPU: training on CPU with gloo (--use_cpu True).", world_size)
-            self.use_cpu = True
+            if self.deepspeed:
+                logger.info("%d processes and no GPU: DeepSpeed on its CPU accelerator over gloo.", world_size)
+                start_deepspeed_on_cpu(self.ddp_timeout)
+                self.accelerator_config = _keeping_started_state(self.accelerator_config)
+            else:
+                logger.info("%d processes and no GPU: training on CPU with gloo (--use_cpu True).", world_size)
+                self.use_cpu = True
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = not self.freeze_vision_model
 
@@ -372,6 +385,17 @@ class LlavaTrainingArguments(TrainingArguments):
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
+def _keeping_started_state(config: AcceleratorConfig | dict | str | None) -> AcceleratorConfig:
+    """`--accelerator_config` (None, a dict or a JSON file, as TrainingArguments reads it) with
+    `use_configured_state` on, so that TrainingArguments keeps the process group started before it instead of
+    resetting it."""
+    if not isinstance(config, AcceleratorConfig):
+        config = AcceleratorConfig.from_json_file(config) if isinstance(config, str) else AcceleratorConfig(
+            **(config or {}))
+    config.use_configured_state = True
+    return config
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, LlavaTrainingArguments]:
     """Parse flags, or a .json/.yaml config file holding the same keys, optionally followed by flags that
     override the file's values.
@@ -388,6 +412,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         argv = argv[1:]
     parsed = parser.parse_args_into_dataclasses(args=argv)
     check_quantization(parsed[0], parsed[2])
+    load_in_deepspeed_precision(parsed[0], parsed[2])
     return parsed
 
 
@@ -410,6 +435,22 @@ def _read_config(path: str, parser: HfArgumentParser) -> dict:
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; they must be flag names without the leading --.")
     return values
+
+
+def load_in_deepspeed_precision(model_args: ModelArguments, training_args: LlavaTrainingArguments) -> None:
+    """Under --deepspeed with --bf16/--fp16, load the weights in that 16-bit dtype instead of float32.
+
+    Why: DeepSpeed casts the whole model to the 16-bit dtype when it takes it over and keeps the fp32 master
+    weights of what trains in its optimizer, so fp32 weights at load time only double each process's host memory
+    until then. (Plain DDP and FSDP with --bf16 train under autocast: there the fp32 weights are the master weights
+    and stay.)
+    """
+    if not training_args.deepspeed or model_args.dtype != "float32" or model_args.quantized:
+        return
+    if training_args.bf16 or training_args.fp16:
+        model_args.dtype = "bfloat16" if training_args.bf16 else "float16"
+        logger.info("--deepspeed with --%s True: loading the weights in %s (DeepSpeed keeps the fp32 master "
+                    "weights in its optimizer).", "bf16" if training_args.bf16 else "fp16", model_args.dtype)
 
 
 def check_quantization(model_args: ModelArguments, training_args: LlavaTrainingArguments) -> None:

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 
 from safetensors import safe_open
@@ -179,7 +180,8 @@ def begin_save(path: str) -> None:
 
 def write_json_atomically(path: str, value) -> None:
     """Write `value` as JSON to `path` so that `path` holds either its old content or all of the new one, on disk."""
-    temporary = path + ".tmp"
+    # Unique per process: with --save_on_each_node on a shared filesystem, every node's main process writes it.
+    temporary = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
     with open(temporary, "w", encoding="utf-8") as f:
         json.dump(value, f)
         f.flush()
@@ -209,7 +211,9 @@ def fsync_dir(path: str) -> None:
 def mark_complete(path: str, step: int) -> None:
     """Declare checkpoint `path` complete: flush its files, write the marker atomically, then drop `SAVING_MARKER`."""
     fsync_tree(path)
-    files = sorted(name for name in os.listdir(path) if name != SAVING_MARKER)
+    # Not the markers themselves, nor another node's temporary marker (--save_on_each_node on a shared filesystem).
+    files = sorted(name for name in os.listdir(path)
+                   if name != SAVING_MARKER and not name.startswith(COMPLETE_MARKER))
     write_json_atomically(os.path.join(path, COMPLETE_MARKER), {"global_step": step, "files": files})
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(path, SAVING_MARKER))
@@ -219,11 +223,15 @@ def mark_complete(path: str, step: int) -> None:
 def remove_checkpoint(path: str) -> None:
     """Delete a checkpoint folder of ours: first marked as in progress, then its complete marker, then its files, so
     a deletion cut short leaves a leftover of ours, never a complete-looking one with files missing (nor a folder
-    that looks foreign and would be kept forever)."""
-    write_json_atomically(os.path.join(path, SAVING_MARKER), {"pid": os.getpid(), "deleting": True})
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(path, COMPLETE_MARKER))
-    fsync_dir(path)
+    that looks foreign and would be kept forever). A folder already gone (another node's process deleted it first,
+    --save_on_each_node on a shared filesystem) is fine."""
+    try:
+        write_json_atomically(os.path.join(path, SAVING_MARKER), {"pid": os.getpid(), "deleting": True})
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, COMPLETE_MARKER))
+        fsync_dir(path)
+    except FileNotFoundError:
+        return
     shutil.rmtree(path, ignore_errors=True)
 
 

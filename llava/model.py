@@ -20,6 +20,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 import transformers
 from safetensors import safe_open
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
@@ -33,6 +34,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from llava.arguments import ModelArguments
+from llava.distributed import multi_process, without_zero3_init
 from llava.final_output import check_final_output
 from llava.processor import IGNORE_INDEX, image_token_count, tower_config
 
@@ -49,6 +51,20 @@ _HUB_PREFIXES = {"model.language_model.": "language_model.model.", "lm_head.": "
 # tower class then drops `vision_model.` where the 5.x class has no such submodule.
 _FROM_HUB = {r"^language_model\.model\.": "model.language_model.", r"^language_model\.lm_head\.": "lm_head.",
              r"^vision_tower\.": "model.vision_tower.", r"^multi_modal_projector\.": "model.multi_modal_projector."}
+
+
+class LlavaProjector(LlavaMultiModalProjector):
+    """transformers' projector (same weights and names), fed in its own dtype.
+
+    Why: with `--dtype auto` the tower and LM keep the dtypes they were saved in (e.g. an fp32 CLIP and a bf16 LM),
+    and the projector is built in the LM's dtype; passes without autocast (generate, evaluate, the sample callback,
+    served outputs) would then feed fp32 features into bf16 weights ("mat1 and mat2 must have the same dtype").
+    Its output is cast to the LM's embedding dtype where it is merged (transformers' `LlavaModel.forward` and
+    `_embed_with_image_features`).
+    """
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return super().forward(image_features.to(self.linear_1.weight.dtype))
 
 
 class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
@@ -97,6 +113,10 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         if kwargs.get("is_main_process", True):
             _add_legacy_rope_fields(os.path.join(save_directory, "config.json"))
 
+    def __init__(self, config: LlavaConfig):
+        super().__init__(config)
+        self.model.multi_modal_projector = LlavaProjector(config)
+
     def post_init(self) -> None:
         """Keep only the no-split (FSDP wrap) layer classes that exist in this model.
 
@@ -107,6 +127,30 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         super().post_init()
         present = {type(module).__name__ for module in self.modules()}
         self._no_split_modules = {name for name in self._no_split_modules if name in present}
+
+    def enable_input_require_grads(self) -> None:
+        """Make only the LM's input embeddings' output require grad (transformers hooks every sub-model's
+        embeddings, the vision tower's patch embedding too).
+
+        Why: checkpointed LM layers (and adapters on a frozen LM) need inputs that require grad, or the gradient
+        stops there. A frozen tower's features requiring grad would make autograd record, recompute and
+        back-propagate the whole tower every step for nothing.
+        """
+        def require_grads(module, inputs, output):
+            output.requires_grad_(True)
+
+        self._require_grads_hooks = [self.get_input_embeddings().register_forward_hook(require_grads)]
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1) -> None:
+        """transformers' switch for activation checkpointing, which leaves a frozen vision tower alone: nothing
+        of it is kept for a backward pass, so checkpointing it would only add a forward pass per step."""
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        tower = self.model.vision_tower
+        if enable and not any(p.requires_grad for p in tower.parameters()):
+            for module in tower.modules():
+                if hasattr(module, "gradient_checkpointing"):
+                    module.gradient_checkpointing = False
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, **kwargs):
         if labels is None:
@@ -122,10 +166,9 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         for name in ("inputs_embeds", "position_ids"):
             if kwargs.get(name) is not None:
                 kwargs[name] = kwargs[name][:, :-1]
-        if pixel_values is None and _multi_process():
-            embeddings = self.get_input_embeddings()(input_ids)  # (B, T, H)
-            kwargs["inputs_embeds"] = embeddings + self._blank_image_term(embeddings.device)  # adds 0, see there
-            input_ids = None
+        if self._encodes_images_first(pixel_values):
+            kwargs["inputs_embeds"] = self._embed_with_image_features(input_ids, pixel_values)
+            input_ids = pixel_values = None
         prefix = self._shared_prefix_length(input_ids, attention_mask, targets, kwargs)
         if prefix:
             kwargs["cache"] = self._prefix_cache(input_ids, prefix)
@@ -177,7 +220,7 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         weights collectively, and a rank running an extra prefix pass would fall out of step with the others."""
         return not (self.is_activation_checkpointing or (self.training and self._has_active_dropout())
                     or any(kwargs.get(name) is not None for name in ("inputs_embeds", "cache", "position_ids"))
-                    or (_multi_process() and parameters_sharded(self)))
+                    or (multi_process() and parameters_sharded(self)))
 
     def _has_active_dropout(self) -> bool:
         text_config = self.config.text_config
@@ -185,23 +228,44 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
             return True
         return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.language_model.modules())
 
-    def _blank_image_term(self, device: torch.device) -> torch.Tensor:
-        """0 x the projected features of one blank image, added to a text-only batch's input embeddings when
-        several processes train together.
+    def _encodes_images_first(self, pixel_values) -> bool:
+        """Whether this training batch goes embed -> tower + projector (real or blank image) -> merge -> LM with
+        `inputs_embeds`, instead of transformers' own `LlavaModel.forward`.
 
-        Why: under FSDP and DeepSpeed ZeRO-3 each module's weights are gathered (forward) and its gradients
-        reduced (backward) collectively, so every process must run the same modules in the same order. A text-only
-        batch on one process while another encodes images fails ("Received data size doesn't match expected
-        size") or hangs; under DDP the tower and projector would get no gradient on that process. Encoding a
-        blank image after the embeddings and feeding it into the LM's input, as real image features are, gives
-        every process the same graph in both directions without changing the loss or any gradient.
+        Always when several processes train together: under FSDP and DeepSpeed ZeRO-3 each module's weights are
+        gathered (forward) and its gradients reduced (backward) collectively, by a recorded module order, so every
+        process must run the same modules in the same order whether its batch has images or not (a mismatch fails
+        with "Received data size doesn't match expected size" or hangs); under DDP the tower and projector would
+        get no gradient on a process with a text-only batch. In one process, for a text-only batch when only the
+        tower or projector trains (stage 1): the loss would have no path to any trainable weight and backward
+        would fail ("element 0 of tensors does not require grad").
         """
-        vision = self.config.vision_config
-        blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size, device=device)
+        if multi_process():
+            return True
+        return (pixel_values is None and torch.is_grad_enabled()
+                and not any(p.requires_grad for part in (self.model.language_model, self.lm_head)
+                            for p in part.parameters()))
+
+    def _embed_with_image_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """The LM's input embeddings with the projected image features in the image-token positions, computed in
+        one fixed module order: embeddings, then the tower and projector, then the merge (see
+        `_encodes_images_first`). A text-only batch encodes one blank image and adds 0 x its features, which
+        changes neither the loss nor any gradient but gives every batch the same graph in both directions."""
+        embeddings = self.get_input_embeddings()(input_ids)  # (B, T, H)
+        images = pixel_values if pixel_values is not None else self._blank_image(embeddings.device)
         features = self.model.get_image_features(
-            pixel_values=blank, vision_feature_layer=self.config.vision_feature_layer,
+            pixel_values=images, vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy).pooler_output
-        return 0.0 * features[0].sum()
+        features = torch.cat(features, dim=0).to(embeddings.device, embeddings.dtype)  # (images x tokens, H)
+        if pixel_values is None:
+            return embeddings + 0.0 * features.sum()
+        mask = self.model.get_placeholder_mask(input_ids, inputs_embeds=embeddings, image_features=features)
+        return embeddings.masked_scatter(mask, features)
+
+    def _blank_image(self, device: torch.device) -> torch.Tensor:
+        vision = self.config.vision_config
+        return torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size, device=device,
+                           dtype=self.model.vision_tower.dtype)
 
 
 def _hub_tower_prefix(model: transformers.LlavaForConditionalGeneration) -> str:
@@ -290,11 +354,6 @@ def _check_loading_info(info: dict, model: PreTrainedModel, path) -> None:
             "model.multi_modal_projector.*) and earlier train_llava saves.")
 
 
-def _multi_process() -> bool:
-    """Whether this process trains together with others (torchrun, accelerate launch), whose graphs must match."""
-    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-
-
 def parameters_sharded(model: torch.nn.Module) -> bool:
     """Whether FSDP (1 or 2) or DeepSpeed ZeRO-3 shards this model's weights across processes, so that every
     process must take part in each forward pass."""
@@ -346,7 +405,8 @@ def linear_layer_names(model: torch.nn.Module, component: str) -> list[str]:
 
 
 def parameter_table(model: PreTrainedModel) -> str:
-    """Total and trainable parameters per component, each shared tensor counted once (tied lm_head)."""
+    """Total and trainable parameters per component, each shared tensor counted once (tied lm_head); the full
+    sizes also when DeepSpeed ZeRO-3 has partitioned the weights."""
     seen: set[int] = set()
     rows = []
     for name, module in components(model).items():
@@ -355,8 +415,9 @@ def parameter_table(model: PreTrainedModel) -> str:
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            total += param.numel()
-            trainable += param.numel() if param.requires_grad else 0
+            numel = getattr(param, "ds_numel", param.numel())  # ZeRO-3 keeps an empty tensor in place of a shard
+            total += numel
+            trainable += numel if param.requires_grad else 0
         note = " (tied to input embeddings)" if name == "lm_head" and total == 0 else ""
         rows.append((name + note, total, trainable))
     rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
@@ -381,6 +442,11 @@ def assemble_llava(args: ModelArguments, processor: LlavaProcessor) -> LlavaForC
     resizing). The projector is new: two `nn.Linear` layers with PyTorch's default initialisation
     (Kaiming-uniform weights, uniform biases), as the original LLaVA's `mm_projector`.
     """
+    with without_zero3_init():
+        return _assemble_llava(args, processor)
+
+
+def _assemble_llava(args: ModelArguments, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
     dtype = _torch_dtype(args.dtype)
     tokenizer = processor.tokenizer
     load_kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
@@ -414,7 +480,7 @@ def assemble_llava(args: ModelArguments, processor: LlavaProcessor) -> LlavaForC
     model.model.vision_tower = vision_tower
     model.model.language_model = decoder
     model.lm_head = lm.get_output_embeddings()
-    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(lm.dtype)
+    model.model.multi_modal_projector = LlavaProjector(config).to(lm.dtype)
     leftovers = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftovers:
         raise RuntimeError(f"Assembly left tensors without data (unsupported model layout): {leftovers[:5]}")
@@ -460,6 +526,46 @@ def load_llava(path: str, args: ModelArguments,
     if quantization is None:
         return LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
     return _quantized(path, quantization, **kwargs)
+
+
+def load_saved_weights(model: LlavaForConditionalGeneration, folder: str) -> bool:
+    """Copy the weights saved in `folder` (a checkpoint of the same model) into `model` in place, tensor by tensor,
+    strictly; False, loading nothing, when the files are not exactly what `save_pretrained` writes for this model
+    (earlier saves' names, towers or LMs whose 4.x layout merges or splits tensors, .bin checkpoints): then load
+    with `from_pretrained`, which maps those.
+
+    Why: resuming through `from_pretrained` builds a second full model next to the one being trained (a full host
+    copy per process, in the checkpoint's dtype). Here at most one tensor is held at a time, cast to the dtype of
+    the weight it replaces.
+    """
+    files = _safetensors_files(folder)
+    in_memory = _saved_names(model)
+    if not files or in_memory is None:
+        return False
+    handles_keys = []
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            handles_keys.append((file, list(handle.keys())))
+    if sorted(key for _, keys in handles_keys for key in keys) != sorted(in_memory):
+        return False
+    weights = model.state_dict()  # tensors sharing storage with the parameters and buffers
+    with torch.no_grad():
+        for file, keys in handles_keys:
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                for key in keys:
+                    weights[in_memory[key]].copy_(handle.get_tensor(key))
+    return True
+
+
+def _saved_names(model: LlavaForConditionalGeneration) -> dict[str, str] | None:
+    """On-disk (llava-hf) name -> in-memory name of each weight, as `save_pretrained` writes them; None when a
+    legacy layout merges or splits tensors. Found by passing weightless stand-ins through `hub_state_dict`."""
+    tied = set(model.all_tied_weights_keys)  # left out of saves, as `save_pretrained` does
+    stand_ins = {name: torch.empty(0, device="meta") for name in model.state_dict() if name not in tied}
+    by_identity = {id(t): name for name, t in stand_ins.items()}
+    saved = hub_state_dict(model, stand_ins)
+    names = {key: by_identity.get(id(t)) for key, t in saved.items()}
+    return None if None in names.values() else names
 
 
 # --------------------------------------------------------------------------------------------- quantization

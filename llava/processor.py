@@ -18,6 +18,7 @@ from transformers import (AddedToken, AutoConfig, AutoImageProcessor, AutoModel,
                           LlavaImageProcessor, LlavaProcessor, ProcessorMixin)
 
 from llava.arguments import ModelArguments
+from llava.distributed import without_zero3_init
 from llava.final_output import check_final_output
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _extra_vision_tokens(vision_config, height: int, width: int) -> int:
     configured for 518 pixels, fed 224-pixel crops) are counted at the size they really see.
     """
     patch = vision_config.patch_size
-    with torch.device("meta"):
+    with torch.device("meta"), without_zero3_init():
         tower = AutoModel.from_config(vision_config)
         try:
             output = tower(pixel_values=torch.zeros(1, vision_config.num_channels, height, width),

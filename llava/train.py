@@ -5,8 +5,10 @@ Run as `python train_llava.py ...` (or a single .json/.yaml config file); see RE
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 import torch
 from transformers import ProcessorMixin, TrainerCallback, set_seed
@@ -39,13 +41,26 @@ def build_model(model_args: ModelArguments, training_args: LlavaTrainingArgument
         set_trainable(model, vision_tower=not training_args.freeze_vision_model,
                       projector=not training_args.freeze_projector,
                       language_model=not training_args.freeze_language_model)
-    if training_args.gradient_checkpointing:
-        # With frozen embeddings the checkpointed blocks would see inputs without grad and drop the gradient.
-        model.enable_input_require_grads()
-    elif training_args.recompute_mlp_activations and not training_args.lora_enable \
-            and not training_args.freeze_language_model:
+    # --gradient_checkpointing: the Trainer switches it on, through `LlavaForConditionalGeneration`'s overrides
+    # (only the LM's embeddings made to require grad; a frozen tower is not checkpointed).
+    if training_args.recompute_mlp_activations and not (
+            training_args.gradient_checkpointing or training_args.lora_enable or training_args.freeze_language_model):
         recompute_mlp_activations(model.model.language_model)
     return model
+
+
+@contextlib.contextmanager
+def _reports_only_where_logged(training_args: LlavaTrainingArguments) -> Iterator[None]:
+    """Keep this package's reports (e.g. the invalid-sample summary) to the process that logs (global rank 0):
+    every process checks the same data, and N copies of one report bury it. Errors still show everywhere."""
+    package = logging.getLogger("llava")
+    level = package.level
+    if not training_args.should_log:
+        package.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        package.setLevel(level)
 
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> LlavaTrainer:
@@ -68,12 +83,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: L
         finish_interrupted_publish(training_args.output_dir)
 
     # Data is checked with the processor alone, before any weights load: a bad sample costs seconds, not a 7B load.
+    # Each node's main process goes first (the others wait; a data cache, once there, is then built once per node);
+    # the report is printed once.
     processor = load_processor(model_args)
-    train_dataset = build_dataset(data_args.data_paths, processor, data_args.model_max_length, data_args.image_folder,
-                                  skip_invalid=data_args.skip_invalid_samples,
-                                  allow_absolute_image_paths=data_args.allow_absolute_image_paths,
-                                  max_image_pixels=data_args.max_image_pixels,
-                                  cache_dir=data_args.tokenized_cache_dir)
+    # Local rank 0 checks and tokenizes (or reads the cache); the node's other processes then read its cache.
+    with training_args.main_process_first(local=True, desc="data validation and tokenization"), \
+            _reports_only_where_logged(training_args):
+        train_dataset = build_dataset(data_args.data_paths, processor, data_args.model_max_length,
+                                      data_args.image_folder, skip_invalid=data_args.skip_invalid_samples,
+                                      allow_absolute_image_paths=data_args.allow_absolute_image_paths,
+                                      max_image_pixels=data_args.max_image_pixels,
+                                      cache_dir=data_args.tokenized_cache_dir)
     logger.info("%d training samples from %s", len(train_dataset), ", ".join(data_args.data_paths))
     callbacks = list(callbacks or [])
     if data_args.sample_data_path:

@@ -19,8 +19,9 @@ from llava.arguments import LlavaTrainingArguments
 from llava.checkpoints import (begin_save, latest_complete_checkpoint, mark_complete, resolve_resume_checkpoint,
                                rotate_checkpoints)
 from llava.dataset import LlavaDataset
+from llava.distributed import decided_by_main_process
 from llava.final_output import prepare_staging, publish_final_output, staging_folder
-from llava.model import components, parameter_table
+from llava.model import components, load_saved_weights, parameter_table
 from llava.preemption import PreemptionCallback, ignoring_sigterm
 from llava.processor import save_processor
 
@@ -60,10 +61,12 @@ class LlavaTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, where `resume_from_checkpoint` True (or "True", as the flag arrives) means the latest
-        complete checkpoint in output_dir, and no checkpoint yet means a fresh start instead of an error."""
+        complete checkpoint in output_dir, and no checkpoint yet means a fresh start instead of an error; global
+        rank 0 decides for all processes (`decided_by_main_process`)."""
         if self.is_world_process_zero():
             logger.info("Parameters per component:\n%s", parameter_table(self.model))
-        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        checkpoint = decided_by_main_process(
+            lambda: resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir))
         return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
@@ -165,18 +168,20 @@ class LlavaTrainer(Trainer):
         return bool(value.item())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        """Load checkpoint-N's full weights through `from_pretrained`, strictly.
+        """Load checkpoint-N's full weights into the model being trained, strictly (`load_saved_weights`), or
+        through `from_pretrained` for saved layouts that are not a renaming of the model's weights.
 
         Why: Trainer loads them with a raw `load_state_dict`, but checkpoints hold the llava-hf names
-        (`language_model.model.*`), or earlier saves' names, that only `from_pretrained` maps back. The raw load
-        misses every LM weight, merely warns, and the run resumes from the LM it started with (transformers #43701).
-        Adapter checkpoints (peft models) and FSDP go through Trainer's own loading.
+        (`language_model.model.*`), or earlier saves' names, that it does not map back. The raw load misses every
+        LM weight, merely warns, and the run resumes from the LM it started with (transformers #43701).
+        Adapter checkpoints (peft models), FSDP and DeepSpeed go through Trainer's own loading.
         """
         target = self.model if model is None else model
         if not isinstance(target, PreTrainedModel) or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
-        target.load_state_dict(saved.state_dict())  # strict: a missing or renamed weight fails instead of warning
+        if not load_saved_weights(target, resume_from_checkpoint):
+            saved = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+            target.load_state_dict(saved.state_dict())  # strict: a missing or renamed weight fails
 
     def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
         """Trainer's sampler, except that length grouping reads the lengths the dataset already knows: upstream

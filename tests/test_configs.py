@@ -1,16 +1,17 @@
 """Every shipped file under configs/ parses, and says what README promises (launch recipes are tested in
-test_distributed.py; DeepSpeed itself needs a GPU machine and is not a dependency)."""
+test_distributed.py and, for DeepSpeed, test_deepspeed.py)."""
 
 import glob
 import importlib.util
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
-from llava.arguments import parse_args
+from llava.arguments import ModelArguments, load_in_deepspeed_precision, parse_args
 from tests.test_train_cli import REPO
 
 CONFIGS = os.path.join(REPO, "configs")
@@ -45,6 +46,28 @@ def test_training_arguments_accept_the_deepspeed_config(stage):
     args = parse_args(["--model_name_or_path", "M", "--data_path", "d.json", "--output_dir", "o",
                        "--deepspeed", DEEPSPEED[stage]])[2]
     assert args.hf_deepspeed_config.is_zero3() == (stage == 3)
+
+
+@pytest.mark.parametrize("flag", ["bf16", "fp16"])
+def test_deepspeed_with_16_bit_training_loads_16_bit_weights(flag):
+    """DeepSpeed casts the model to 16 bits and keeps the fp32 master weights in its optimizer: no fp32 load first.
+    (Arguments as parsed on a GPU machine: this one refuses --bf16 without --use_cpu.)"""
+    def loaded_dtype(deepspeed):
+        model_args = ModelArguments(model_name_or_path="M")
+        load_in_deepspeed_precision(model_args, SimpleNamespace(deepspeed=deepspeed, bf16=flag == "bf16",
+                                                                fp16=flag == "fp16"))
+        return model_args.dtype
+
+    assert loaded_dtype(DEEPSPEED[3]) == {"bf16": "bfloat16", "fp16": "float16"}[flag]
+    assert loaded_dtype(None) == "float32"  # autocast: the model's fp32 weights are the master weights
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_with_use_cpu_is_refused():
+    """accelerate would skip DeepSpeed under --use_cpu True and silently train plain DDP."""
+    with pytest.raises(ValueError, match="--deepspeed with --use_cpu True"):
+        parse_args(["--model_name_or_path", "M", "--data_path", "d.json", "--output_dir", "o",
+                    "--deepspeed", DEEPSPEED[2], "--use_cpu", "True"])
 
 
 def test_fsdp_accelerate_config():

@@ -58,3 +58,45 @@ def test_resumed_run_equals_uninterrupted_run(stage1, tmp_path, mode):
         torch.testing.assert_close(param, expected[name], rtol=0, atol=1e-6, msg=name)
         trained += param.requires_grad
     assert trained > 0
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_checkpoint_weights_load_in_place_in_the_training_dtype(parts, tmp_path, monkeypatch, tie):
+    """Resume copies the saved tensors into the model being trained: no second model, the model's dtype kept."""
+    from llava.arguments import ModelArguments
+    from llava.model import LlavaForConditionalGeneration, assemble_llava, load_saved_weights
+    from llava.processor import build_processor
+    from tests.tiny_parts import save_language_model
+
+    lm = save_language_model(str(tmp_path / "lm"), tie=tie)
+    args = ModelArguments(vision_model_name_or_path=parts["vision"], language_model_name_or_path=lm)
+    saved = assemble_llava(args, build_processor(args))
+    saved.save_pretrained(tmp_path / "ckpt")
+    model = assemble_llava(args, build_processor(args)).to(torch.bfloat16)
+    for param in model.parameters():
+        param.data.zero_()
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("a second model was built")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", no_second_model)
+    assert load_saved_weights(model, str(tmp_path / "ckpt"))
+    expected = saved.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.bfloat16, name
+        torch.testing.assert_close(tensor, expected[name].to(torch.bfloat16), rtol=0, atol=0, msg=name)
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tie
+
+
+def test_checkpoints_in_other_layouts_are_left_to_from_pretrained(parts, llava_checkpoint, tmp_path):
+    """Earlier saves' names (here: the in-memory names) are not copied in place; `from_pretrained` maps them."""
+    from safetensors.torch import save_file
+
+    from llava.model import LlavaForConditionalGeneration, load_saved_weights
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_checkpoint)
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old" / "model.safetensors"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not load_saved_weights(model, str(tmp_path / "old"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -57,14 +57,14 @@ def gpt2_tokenizer(chat_template: str = CHATML_TEMPLATE) -> GPT2Tokenizer:
 
 
 def save_language_model(path: str, chat_template: str = CHATML_TEMPLATE, tie: bool = False,
-                        rope_theta: float = 10000.0) -> str:
+                        rope_theta: float = 10000.0, dtype: torch.dtype = torch.float32) -> str:
     tokenizer = gpt2_tokenizer(chat_template)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                          tie_word_embeddings=tie, eos_token_id=tokenizer.eos_token_id,
                          rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
-    LlamaForCausalLM(config).save_pretrained(path)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
