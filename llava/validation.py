@@ -5,8 +5,11 @@ position and sample id, counted by kind, so a bad sample costs seconds at start 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import multiprocessing
 import os
+from collections.abc import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 from transformers import ProcessorMixin
@@ -18,6 +21,8 @@ from llava.token_store import PreparedData, TokenStore
 
 # Below this many samples a worker pool costs more than it saves.
 _POOL_THRESHOLD = 2000
+# Samples held with their texts at a time (see `validate`).
+_CHUNK = 16384
 
 
 class SampleChecker:
@@ -67,19 +72,14 @@ def _check_turn_order(sample: Sample) -> None:
                         kind="last_turn_not_assistant")
 
 
-def _duplicate_ids(items: list[Sample | DataError]) -> list[DataError]:
-    """A warning for every sample whose id an earlier sample already has (merged or repeated exports)."""
-    first_seen: dict[str, Sample] = {}
-    warnings = []
-    for item in items:
-        if isinstance(item, DataError):
-            continue
-        if item.id in first_seen:
-            warnings.append(DataError(f"{item.describe()}: same id as {first_seen[item.id].location}; ids should "
-                                      "be unique (a duplicated export?).", kind="duplicate_id"))
-        else:
-            first_seen[item.id] = item
-    return warnings
+def _duplicate_id(sample: Sample, first_seen: dict[str, str]) -> DataError | None:
+    """A warning when an earlier sample already has this sample's id (merged or repeated exports); `first_seen` maps
+    each id seen so far to its location."""
+    if sample.id in first_seen:
+        return DataError(f"{sample.describe()}: same id as {first_seen[sample.id]}; ids should be unique (a "
+                         "duplicated export?).", kind="duplicate_id")
+    first_seen[sample.id] = sample.location
+    return None
 
 
 _worker_checker: SampleChecker | None = None  # set before forking, inherited by pool workers
@@ -91,29 +91,50 @@ def _check_in_worker(sample):
 
 def validate(data_paths: list[str], processor: ProcessorMixin, max_length: int, image_folder: str | None,
              allow_absolute_image_paths: bool = False, num_workers: int | None = None) -> PreparedData:
-    """Read, tokenize and check every sample of every file, in parallel for large sets."""
-    global _worker_checker
+    """Read, tokenize and check every sample of every file, in parallel for large sets.
+
+    Samples go through in chunks, each reduced to its tokens and what locates it before the next is read, so the
+    texts of only one chunk (beside a .json file's parsed list) are held at a time: a 665k-sample mix fits in a few
+    GB."""
     checker = SampleChecker(ConversationEncoder(processor, max_length), image_folder, allow_absolute_image_paths)
-    items = list(iter_samples(data_paths))
-    num_workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    progress = dict(total=len(items), desc="checking samples", unit="sample", mininterval=2,
-                    disable=len(items) < 1000)
-    if num_workers > 1 and len(items) >= _POOL_THRESHOLD:
-        _worker_checker = checker
-        try:
-            with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-                outcomes = list(tqdm(pool.imap(_check_in_worker, items, chunksize=256), **progress))
-        finally:
-            _worker_checker = None
-    else:
-        outcomes = [checker(item) for item in tqdm(items, **progress)]
-    samples, encoded, problems, all_warnings = [], [], [], _duplicate_ids(items)
-    for item, (tokens, problem, warnings) in zip(items, outcomes):
-        all_warnings += warnings
-        if problem is not None:
-            problems.append(problem)
-        else:  # training needs no texts any more: only what locates the sample and its images
-            samples.append(Sample(id=item.id, location=item.location, messages=[], images=item.images))
-            encoded.append(tokens)
+    chunks = _chunks(iter_samples(data_paths), _CHUNK)
+    first = next(chunks, [])
+    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    workers = workers if len(first) >= _POOL_THRESHOLD else 1
+    samples, encoded, problems, warnings, first_seen = [], [], [], [], {}
+    with _checking(checker, workers) as check, tqdm(desc="checking samples", unit="sample", mininterval=2,
+                                                     disable=len(first) < 1000) as progress:
+        for chunk in itertools.chain([first], chunks):
+            for item, (tokens, problem, item_warnings) in zip(chunk, check(chunk)):
+                if not isinstance(item, DataError) and (duplicate := _duplicate_id(item, first_seen)):
+                    warnings.append(duplicate)
+                warnings += item_warnings
+                if problem is not None:
+                    problems.append(problem)
+                else:  # training needs no texts any more: only what locates the sample and its images
+                    samples.append(Sample(id=item.id, location=item.location, messages=[], images=item.images))
+                    encoded.append(tokens)
+            progress.update(len(chunk))
     lengths = [checker.encoder.expanded_length(tokens["input_ids"]) for tokens in encoded]
-    return PreparedData(samples, TokenStore.from_samples(encoded, lengths), problems, all_warnings)
+    return PreparedData(samples, TokenStore.from_samples(encoded, lengths), problems, warnings)
+
+
+@contextlib.contextmanager
+def _checking(checker: SampleChecker, workers: int) -> Iterator[Callable[[list], list]]:
+    """A function that checks a chunk of samples: in `workers` forked processes (which inherit `checker`), or here."""
+    global _worker_checker
+    if workers <= 1:
+        yield lambda chunk: [checker(item) for item in chunk]
+        return
+    _worker_checker = checker
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            yield lambda chunk: pool.map(_check_in_worker, chunk, chunksize=256)
+    finally:
+        _worker_checker = None
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
