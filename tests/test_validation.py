@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -123,3 +124,25 @@ def test_images_become_upright_rgb(tmp_path):
     palette = str(tmp_path / "p.png")
     image.convert("P").save(palette)
     assert load_image(palette).mode == "RGB"
+
+
+def test_images_are_checked_by_header_and_decoded_when_loaded(parts, tmp_path):
+    """A PNG whose header is fine but whose pixel data is cut off passes the up-front check (nothing is decoded
+    there) and fails, naming the sample, when its batch loads it; with --skip_invalid_samples it is skipped then."""
+    images = str(tmp_path / "images")
+    save_images(images)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    noise.save(os.path.join(images, "noise.png"))
+    with open(os.path.join(images, "noise.png"), "rb") as f:
+        whole = f.read()
+    with open(os.path.join(images, "cut.png"), "wb") as f:
+        f.write(whole[: len(whole) // 2])  # header and half the pixel data
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([qa("cut", "cut.png"), qa("b", "img1.png")]))
+    processor = load_processor(ModelArguments(vision_model_name_or_path=parts["vision"],
+                                              language_model_name_or_path=parts["lm"]))
+    assert validate([str(data)], processor, 512, images).problems == []
+    with pytest.raises(DataError, match=r"id 'cut'.*cannot read image"):
+        build_dataset([str(data)], processor, 512, images)[0]
+    lenient = build_dataset([str(data)], processor, 512, images, skip_invalid=True)
+    assert lenient[0]["input_ids"].tolist() == lenient[1]["input_ids"].tolist()
