@@ -23,6 +23,8 @@ from llava.errors import DataError
 
 logger = logging.getLogger(__name__)
 
+# What marks an image in a sample's text (the processor's default image token, `--image_token`).
+IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -90,7 +92,11 @@ def _parse_json(text: str, where: str):
 
 
 def to_sample(record: dict, location: str) -> Sample:
-    """Turn one LLaVA record into a `Sample`; raise `DataError` naming the sample when it is malformed."""
+    """Turn one record into a `Sample`; raise `DataError` naming the sample when it is malformed.
+
+    Two forms: LLaVA's (`conversations` of {"from": human|gpt|system, "value": text}, `image` a path or a list) and
+    the `messages` form of TRL and LLaMA-Factory (`messages` of {"role", "content"}, `images` a list), where content
+    is a string or a list of parts, {"type": "text", "text": ...} and {"type": "image"} (one `<image>` each)."""
     if isinstance(record, DataError):
         raise record
     if not isinstance(record, dict):
@@ -98,27 +104,44 @@ def to_sample(record: dict, location: str) -> Sample:
                         kind="malformed_sample")
     sample_id = str(record.get("id", location))
     where = f"{location} (id {sample_id!r})"
-    turns = record.get("conversations")
+    turns = record.get("conversations", record.get("messages"))
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: needs a non-empty 'conversations' list of {{'from', 'value'}} turns.",
-                        kind="malformed_sample")
+        raise DataError(f"{where}: needs a non-empty 'conversations' list of {{'from', 'value'}} turns (or "
+                        "'messages' of {'role', 'content'}).", kind="malformed_sample")
     messages = []
     for turn_index, turn in enumerate(turns):
         role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower()) if isinstance(turn, dict) else None
         if role is None:
             raise DataError(f"{where}: turn {turn_index} has an unknown role; use 'from' with one of "
                             f"{sorted(ROLES)}.", kind="unknown_role")
-        content = turn.get("value", turn.get("content"))
+        content = _text_of(turn.get("value", turn.get("content")))
         if not isinstance(content, str):
-            raise DataError(f"{where}: turn {turn_index} needs a string 'value'.", kind="malformed_sample")
+            raise DataError(f"{where}: turn {turn_index} needs a string 'value' (or 'content': a string or a list "
+                            "of text and image parts).", kind="malformed_sample")
         if not content.strip():
             raise DataError(f"{where}: turn {turn_index} ({role}) has empty text; remove the turn or fill it in.",
                             kind="empty_text")
         _check_encodable(content, f"{where}: turn {turn_index}")
         messages.append(Message(role, content, trained=role == "assistant"))
     images = _image_paths(record, where)
-    metadata = {k: v for k, v in record.items() if k not in ("id", "image", "images", "conversations")}
+    metadata = {k: v for k, v in record.items() if k not in ("id", "image", "images", "conversations", "messages")}
     return Sample(id=sample_id, location=location, messages=messages, images=images, metadata=metadata)
+
+
+def _text_of(content):
+    """A message's content as one string: a list of {"type": "text"|"image"} parts becomes its texts, with an image
+    placeholder (`<image>` and a newline) where each image part is. Anything else is returned as it is."""
+    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+        return content
+    pieces = []
+    for part in content:
+        if part.get("type") == "image":
+            pieces.append(IMAGE_PLACEHOLDER + "\n")
+        elif part.get("type") == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        else:
+            return None  # an unknown part: refused by the caller as malformed
+    return "".join(pieces)
 
 
 def _image_paths(record: dict, where: str) -> list[str]:

@@ -141,3 +141,18 @@ def test_images_without_image_folder_are_refused(parts):
     processor = make_processor(parts, None)
     with pytest.raises(DataError, match=r"no_image_folder.*--image_folder is not set"):
         build_dataset([parts["data"]], processor, 512, image_folder=None)
+
+
+def test_messages_form_with_content_parts_reads_like_llava_conversations(parts, tmp_path):
+    """TRL / LLaMA-Factory records (`messages` + `images`, content as a string or typed parts) give the same tokens as
+    the LLaVA form of the same conversation."""
+    llava_form = conversation_records()[5]  # two images
+    messages_form = {"id": "two_images", "images": ["img0.png", "img1.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                     {"type": "text", "text": "Are these the same colour?"}]},
+        {"role": "assistant", "content": "No: red and blue."}]}
+    processor = make_processor(parts, None)
+    encoder = ConversationEncoder(processor, max_length=512)
+    assert encoder.encode(to_sample(messages_form, "m")) == encoder.encode(to_sample(llava_form, "l"))
+    with pytest.raises(DataError, match=r"id 'x'.*turn 0 needs a string 'value'"):
+        to_sample({"id": "x", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "m")
