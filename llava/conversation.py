@@ -78,7 +78,7 @@ class ConversationEncoder:
     """
 
     # Seconds one rendering may take: a template with nested loops (`range(100000)` twice) would otherwise hang
-    # validation, which has no other way to tell a slow template from a stuck one.
+    # data preparation, which has no other way to tell a slow template from a stuck one.
     render_time_limit: float = 10.0
 
     def __init__(self, processor: ProcessorMixin, max_length: int):

@@ -16,7 +16,7 @@ from llava.data import Sample, load_image, resolve_image_path
 from llava.errors import DataError
 from llava.processor import image_token_count
 from llava.token_store import TokenStore, cache_key, cached
-from llava.validation import validate
+from llava.preparation import prepare_samples
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     """Each item: {"input_ids": (T,), "labels": (T,), "pixel_values": (num_images, 3, H, W)}; text-only
     samples have no "pixel_values".
 
-    An image that fails to load now although it passed validation (replaced on disk, say) raises a
+    An image that fails to load now although it passed the up-front checks (replaced on disk, say) raises a
     `DataError` naming the sample, or, with `skip_invalid`, is logged and replaced by the next sample, so a
     long run is not killed by one file.
     """
@@ -85,7 +85,7 @@ def build_dataset(data_paths: list[str], processor: ProcessorMixin, max_length: 
     """Check and tokenize every sample (or read that from the cache in `cache_dir`, None: no cache); refuse with the
     full report if any is invalid, unless `skip_invalid`, which drops them and logs how many were skipped and why."""
     fingerprint = tokenization_fingerprint(processor, max_length, image_folder, allow_absolute_image_paths)
-    result = cached(cache_dir, cache_key(data_paths, fingerprint), lambda: validate(
+    result = cached(cache_dir, cache_key(data_paths, fingerprint), lambda: prepare_samples(
         data_paths, processor, max_length, image_folder, allow_absolute_image_paths, num_workers))
     if result.problems:
         if not skip_invalid:

@@ -87,7 +87,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: L
     # the report is printed once.
     processor = load_processor(model_args)
     # Local rank 0 checks and tokenizes (or reads the cache); the node's other processes then read its cache.
-    with training_args.main_process_first(local=True, desc="data validation and tokenization"), \
+    with training_args.main_process_first(local=True, desc="checking and tokenizing the data"), \
             _reports_only_where_logged(training_args):
         train_dataset = build_dataset(data_args.data_paths, processor, data_args.model_max_length,
                                       data_args.image_folder, skip_invalid=data_args.skip_invalid_samples,

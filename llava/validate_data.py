@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from llava.arguments import DataArguments, ModelArguments
+from llava.preparation import prepare_samples
 from llava.processor import load_processor
-from llava.validation import validate
 
 
 @dataclass
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser((ModelArguments, DataArguments, ValidateArguments))
     model_args, data_args, validate_args = parser.parse_args_into_dataclasses(args=argv)
     processor = load_processor(model_args)
-    result = validate(data_args.data_paths, processor, data_args.model_max_length, data_args.image_folder,
-                      data_args.allow_absolute_image_paths, validate_args.num_workers)
+    result = prepare_samples(data_args.data_paths, processor, data_args.model_max_length, data_args.image_folder,
+                             data_args.allow_absolute_image_paths, validate_args.num_workers)
     if result.problems:
         print(result.report())
         return 1

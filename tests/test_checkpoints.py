@@ -109,17 +109,19 @@ MAX_STEPS = 30
 class Run:
     """One `python <script> <flags>` in the background, its output in a file."""
 
-    def __init__(self, script, flags, log_path, env=None):
+    def __init__(self, script, flags, log_path, env=None, new_session=False):
+        """`new_session`: in a process group of its own, as a scheduler starts a job (so the group can be signalled)."""
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.process = subprocess.Popen([sys.executable, script, *flags], cwd=REPO, stdout=log,
-                                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                                            stderr=subprocess.STDOUT, start_new_session=new_session,
+                                            env={**os.environ, **(env or {})})
 
     def log(self):
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
-    def wait_for(self, condition, timeout=180):
+    def wait_for(self, condition, timeout=240):
         deadline = time.monotonic() + timeout
         while not condition():
             assert self.process.poll() is None, f"exited early ({self.process.returncode}):\n{self.log()[-3000:]}"
@@ -129,6 +131,9 @@ class Run:
     def training(self):
         """True once this run has logged a training step."""
         return "'loss'" in self.log()
+
+    def wait(self):
+        return self.process.wait(timeout=300)
 
     def stop(self, sig):
         self.process.send_signal(sig)

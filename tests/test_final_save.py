@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from llava.model import LlavaForConditionalGeneration
 from llava.preemption import PREEMPTED_EXIT_CODE
 from llava.run_lock import LOCK_NAME, OutputDirBusyError, check_writable, run_lock
 from llava.train import main
-from tests.test_checkpoints import TRAIN, fake_checkpoint
+from tests.test_checkpoints import TRAIN, Run, fake_checkpoint
 from tests.test_train_cli import REPO, assert_loads_and_generates
 
 # --------------------------------------------------------------------------------------------- foreign checkpoints
@@ -197,31 +196,6 @@ def test_a_full_disk_during_the_optimizer_save_is_named_and_the_previous_checkpo
 MAX_STEPS = 12
 
 
-class Job:
-    """`python <script> <flags>` in its own process group (as a scheduler starts it), its output in a file."""
-
-    def __init__(self, script, flags, log_path, env=None):
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.process = subprocess.Popen([sys.executable, script, *flags], cwd=REPO, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, **(env or {})})
-
-    def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def wait_for(self, condition, timeout=240):
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert self.process.poll() is None, f"exited early ({self.process.returncode}):\n{self.log()[-3000:]}"
-            assert time.monotonic() < deadline, self.log()[-3000:]
-            time.sleep(0.05)
-
-    def wait(self):
-        return self.process.wait(timeout=300)
-
-
 def digest(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -237,18 +211,20 @@ def killed_runs(parts, llava_checkpoint, tmp_path_factory):
     flags = ["--model_name_or_path", llava_checkpoint, "--data_path", parts["data"], "--image_folder",
              parts["images"], "--output_dir", out, *TRAIN, "--max_steps", str(MAX_STEPS), "--save_steps", "4"]
     phases = {}
-    job = Job("train_llava.py", [*flags, "--dataloader_num_workers", "2"], root / "sigterm.log")
-    job.wait_for(lambda: "'loss'" in job.log())
+    job = Run("train_llava.py", [*flags, "--dataloader_num_workers", "2"], root / "sigterm.log",
+              new_session=True)
+    job.wait_for(job.training)
     os.killpg(job.process.pid, signal.SIGTERM)
     phases["sigterm"] = {"rc": job.wait(), "log": job.log(), "checkpoints": sorted(os.listdir(out))}
 
     def killed_in_final_save(name, busy_check=False):
         started = str(root / f"{name}.started")
-        job = Job("tests/slow_final_save.py", flags, root / f"{name}.log", env={"SLOW_SAVE_STARTED": started})
+        job = Run("tests/slow_final_save.py", flags, root / f"{name}.log", env={"SLOW_SAVE_STARTED": started},
+                  new_session=True)
         job.wait_for(lambda: os.path.exists(started))
         phase = {"pid": job.process.pid}
         if busy_check:
-            second = Job("train_llava.py", flags, root / "second.log")
+            second = Run("train_llava.py", flags, root / "second.log", new_session=True)
             phase["second_rc"], phase["second_log"] = second.wait(), second.log()
         os.killpg(job.process.pid, signal.SIGKILL)
         job.wait()
@@ -256,7 +232,7 @@ def killed_runs(parts, llava_checkpoint, tmp_path_factory):
         return phase
 
     phases["first_final"] = killed_in_final_save("first_final", busy_check=True)
-    job = Job("train_llava.py", flags, root / "finish.log")
+    job = Run("train_llava.py", flags, root / "finish.log", new_session=True)
     phases["finish"] = {"rc": job.wait(), "log": job.log(), "digest": digest(os.path.join(out, "model.safetensors"))}
     phases["repeated_final"] = killed_in_final_save("repeated_final")
     return out, phases

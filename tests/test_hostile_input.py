@@ -15,7 +15,7 @@ from llava.data import load_image, to_rgb
 from llava.dataset import build_dataset
 from llava.errors import DataError
 from llava.processor import load_processor
-from llava.validation import SampleChecker, iter_samples, validate
+from llava.preparation import SampleChecker, iter_samples, prepare_samples
 from tests.test_validation import qa
 from tests.tiny_parts import CHATML_TEMPLATE, save_images
 
@@ -70,7 +70,7 @@ def test_hostile_records_are_refused_by_file_line_and_id(processor, hostile, tmp
               b'{"id": "latin1", "conversations": [{"from": "human", "value": "caf\xe9"}]}']  # line 12
     path = write_jsonl(tmp_path / "data.JSONL", lines)  # upper-case suffix: still JSONL
     started = time.monotonic()
-    result = validate([path], processor, 512, str(hostile / "images"))
+    result = prepare_samples([path], processor, 512, str(hostile / "images"))
     assert time.monotonic() - started < 30  # the FIFO is never opened
     assert [s.id for s in result.samples] == ["good"]
     assert problems_by_id(result) == {sample_id: kind for sample_id, (_, kind) in records.items()}
@@ -88,15 +88,15 @@ def test_hostile_json_list_files_are_refused_with_their_name(processor, tmp_path
     latin1 = tmp_path / "latin1.json"
     latin1.write_bytes(b'[\n{"id": "a",\n "x": "caf\xe9"}]')
     with pytest.raises(DataError, match=f"{deep}: JSON nested too deeply"):
-        validate([str(deep)], processor, 512, None)
+        prepare_samples([str(deep)], processor, 512, None)
     with pytest.raises(DataError, match=rf"{latin1}: not UTF-8 text \(byte 0xe9 at line 3\)"):
-        validate([str(latin1)], processor, 512, None)
+        prepare_samples([str(latin1)], processor, 512, None)
 
 
 def test_an_empty_image_path_is_refused_and_a_missing_image_means_text_only(processor, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(qa("empty", image="")), json.dumps(qa("none", image=None,
                                                                                             question="Hi?"))])
-    result = validate([path], processor, 512, None)
+    result = prepare_samples([path], processor, 512, None)
     assert problems_by_id(result) == {"empty": "malformed_sample"} and [s.id for s in result.samples] == ["none"]
 
 
@@ -107,7 +107,7 @@ def test_warnings_are_counted_in_the_summary_but_trained(processor, parts, tmp_p
                  {"from": "human", "value": "Look"}, {"from": "gpt", "value": "<image>\nThis."}]}),
              json.dumps(qa("cut", image=None, question="Hi?", answer=long_answer))]
     path = write_jsonl(tmp_path / "w.jsonl", lines)
-    result = validate([path], processor, 128, parts["images"])
+    result = prepare_samples([path], processor, 128, parts["images"])
     assert not result.problems and len(result.samples) == 4
     kinds = sorted(w.kind for w in result.warnings)
     assert kinds == ["duplicate_id", "image_in_assistant_turn", "truncated_answer"]

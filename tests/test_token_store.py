@@ -46,8 +46,8 @@ def test_cache_is_reused_until_data_or_limits_change(parts, processor, tmp_path,
     cache_dir = str(tmp_path / "cache")
     first = build_dataset([data_path], processor, 512, image_folder, cache_dir=cache_dir)
     calls = []
-    real_validate = llava.dataset.validate
-    monkeypatch.setattr(llava.dataset, "validate", lambda *a, **k: calls.append(a) or real_validate(*a, **k))
+    real_prepare = llava.dataset.prepare_samples
+    monkeypatch.setattr(llava.dataset, "prepare_samples", lambda *a, **k: calls.append(a) or real_prepare(*a, **k))
     second = build_dataset([data_path], processor, 512, image_folder, cache_dir=cache_dir)
     assert calls == [] and items(second) == items(first) and [s.images for s in second.samples] == \
         [s.images for s in first.samples]

@@ -14,7 +14,7 @@ from llava.errors import DataError
 from llava.dataset import build_dataset
 from llava.processor import load_processor
 from llava.train import main
-from llava.validation import validate
+from llava.preparation import prepare_samples
 from tests.tiny_parts import conversation_records, save_images
 
 
@@ -109,7 +109,7 @@ def test_decompression_bomb_is_refused(parts, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     processor = load_processor(ModelArguments(vision_model_name_or_path=parts["vision"],
                                               language_model_name_or_path=parts["lm"]))
-    result = validate([str(data)], processor, 512, images)
+    result = prepare_samples([str(data)], processor, 512, images)
     assert [p.kind for p in result.problems] == ["image_too_large"] and "bomb" in str(result.problems[0])
 
 
@@ -141,7 +141,7 @@ def test_images_are_checked_by_header_and_decoded_when_loaded(parts, tmp_path):
     data.write_text(json.dumps([qa("cut", "cut.png"), qa("b", "img1.png")]))
     processor = load_processor(ModelArguments(vision_model_name_or_path=parts["vision"],
                                               language_model_name_or_path=parts["lm"]))
-    assert validate([str(data)], processor, 512, images).problems == []
+    assert prepare_samples([str(data)], processor, 512, images).problems == []
     with pytest.raises(DataError, match=r"id 'cut'.*cannot read image"):
         build_dataset([str(data)], processor, 512, images)[0]
     lenient = build_dataset([str(data)], processor, 512, images, skip_invalid=True)

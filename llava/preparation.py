@@ -1,6 +1,7 @@
-"""Check every sample before training (and in `llava.validate_data`): report each problem with its file,
-position and sample id, counted by kind, so a bad sample costs seconds at start instead of a crash at step
-40,000. Samples are tokenized here too, so training reuses the work.
+"""Prepare the training data: read, check and tokenize every sample before training (`llava.validate_data` runs the
+same step alone). Each problem is reported with its file, position and sample id, counted by kind, so a bad sample
+costs seconds at start instead of a crash at step 40,000; what training keeps is the compact tokens
+(`llava.token_store`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from llava.token_store import PreparedData, TokenStore
 
 # Below this many samples a worker pool costs more than it saves.
 _POOL_THRESHOLD = 2000
-# Samples held with their texts at a time (see `validate`).
+# Samples held with their texts at a time (see `prepare_samples`).
 _CHUNK = 16384
 
 
@@ -89,7 +90,7 @@ def _check_in_worker(sample):
     return _worker_checker(sample)
 
 
-def validate(data_paths: list[str], processor: ProcessorMixin, max_length: int, image_folder: str | None,
+def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length: int, image_folder: str | None,
              allow_absolute_image_paths: bool = False, num_workers: int | None = None) -> PreparedData:
     """Read, tokenize and check every sample of every file, in parallel for large sets.
 
