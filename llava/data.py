@@ -66,7 +66,10 @@ def read_records(path: str):
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of samples, got {type(records).__name__}. "
                         "Use a .jsonl file for one sample per line.", kind="malformed_json")
-    for index, record in enumerate(records):
+    for index in range(len(records)):
+        # Handed over and dropped from the list: a record's memory is freed once its sample is prepared, so a
+        # large file's parsed list shrinks while the data streams through instead of staying whole to the end.
+        record, records[index] = records[index], None
         yield f"{path}[{index}]", record
 
 
