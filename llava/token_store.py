@@ -158,7 +158,11 @@ def cached(cache_dir: str | None, key: str, build: Callable[[], PreparedData]) -
             save_prepared(data, temporary)
             with open(os.path.join(temporary, _COMPLETE), "w", encoding="utf-8") as f:
                 json.dump({"samples": len(data.samples), "problems": len(data.problems)}, f)
-            os.rename(temporary, folder)
+            try:
+                os.rename(temporary, folder)
+            except OSError:  # another machine sharing the folder (no working lock across NFS) finished first
+                if not os.path.isfile(os.path.join(folder, _COMPLETE)):
+                    raise
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
         logger.info("Tokenized data cached in %s.", folder)
