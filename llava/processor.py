@@ -257,6 +257,11 @@ def save_processor(processor: ProcessorMixin, folder: str) -> None:
     end-of-turn tokens. The chat template written is the processor's, i.e. the one training used.
     """
     processor.save_pretrained(folder)
+    make_processor_files_portable(processor, folder)
+
+
+def make_processor_files_portable(processor: ProcessorMixin, folder: str) -> None:
+    """Close those gaps in a folder where `processor.save_pretrained` already wrote (Trainer's own saves)."""
     processor.image_processor.save_pretrained(folder)
     tokenizer_config = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):

@@ -23,7 +23,7 @@ from llava.distributed import decided_by_main_process
 from llava.final_output import prepare_staging, publish_final_output, staging_folder
 from llava.model import components, load_saved_weights, parameter_table
 from llava.preemption import PreemptionCallback, ignoring_sigterm
-from llava.processor import save_processor
+from llava.processor import make_processor_files_portable
 
 TRAINING_ARGS_JSON = "training_args.json"
 
@@ -123,13 +123,13 @@ class LlavaTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Trainer's save of weights (llava-hf names, see `LlavaForConditionalGeneration.save_pretrained`), config
-        and processor, the processor rewritten by `save_processor` so transformers 4.x and serving stacks read it too,
+        and processor, the processor files completed by `make_processor_files_portable` so transformers 4.x and serving stacks read it too,
         with the training arguments as JSON: transformers pickles them to training_args.bin, and nothing we write
         should need unpickling to read."""
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
-            save_processor(self.processing_class, output_dir)
+            make_processor_files_portable(self.processing_class, output_dir)
             values = self.args.to_dict()
             if self._deferred_save_total_limit is not None:
                 values["save_total_limit"] = self._deferred_save_total_limit

@@ -1,4 +1,3 @@
-import itertools
 import json
 
 import pytest
@@ -9,6 +8,7 @@ from llava.data import load_samples, to_sample
 from llava.errors import DataError
 from llava.dataset import build_dataset
 from llava.processor import IGNORE_INDEX, build_processor
+from tests.test_conversation import trained_runs
 from tests.tiny_parts import (CHATML_DEFAULT_SYSTEM_TEMPLATE, CHATML_TEMPLATE, LLAMA2_TEMPLATE, TOKENS_PER_IMAGE,
                               conversation_records, save_language_model, write_dataset)
 
@@ -39,16 +39,6 @@ def make_processor(parts, tmp_path_factory, chat_template=None):
     return processor
 
 
-def trained_runs(tokenizer, encoded):
-    """Decoded text of each contiguous run of trained tokens."""
-    runs = []
-    for trained, group in itertools.groupby(zip(encoded["input_ids"], encoded["labels"]),
-                                            key=lambda pair: pair[1] != IGNORE_INDEX):
-        if trained:
-            runs.append(tokenizer.decode([label for _, label in group]))
-    return runs
-
-
 @pytest.mark.parametrize("template_name", sorted(TEMPLATES))
 def test_trained_spans_are_each_answer_plus_end_of_turn(parts, tmp_path_factory, template_name):
     template, answer_format = TEMPLATES[template_name]
@@ -58,7 +48,7 @@ def test_trained_spans_are_each_answer_plus_end_of_turn(parts, tmp_path_factory,
         sample = to_sample(record, "mem")
         encoded = encoder.encode(sample)
         answers = [m.content for m in sample.messages if m.role == "assistant"]
-        runs = trained_runs(processor.tokenizer, encoded)
+        runs = [processor.tokenizer.decode(run) for run in trained_runs(encoded)]
         assert [r.strip() for r in runs] == [answer_format.format(a) for a in answers], (template_name, sample.id)
         assert all(label == token for token, label in zip(encoded["input_ids"], encoded["labels"])
                    if label != IGNORE_INDEX)
