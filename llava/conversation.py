@@ -96,10 +96,14 @@ class ConversationEncoder:
         special = {i: t.content for i, t in self.tokenizer.added_tokens_decoder.items()
                    if t.special and i != self.image_token_id}
         self.special_ids = set(special)
-        self.special_id_array = np.asarray(sorted(special), dtype=np.int32)
+        self._is_special = np.zeros(max(len(self.tokenizer), max(special, default=0) + 1), dtype=bool)
+        self._is_special[list(special)] = True  # indexed by token id: cheaper than np.isin per sample
         self.special_tokens = sorted(special.values(), key=len, reverse=True)  # longest first, for matching
+        self._compiled_template, self._template_variables = None, {}  # see `_compile_template`
+        self._skeletons: dict[tuple[str, ...], str] = {}  # role sequence -> rendering with markers for texts
         self.string_content = self._template_takes_string_content()
         self.system_role = self._template_has_system_role()
+        self._compile_template()
         if not self.system_role:
             logger.warning("The chat template of %s cannot render a system turn: each conversation's system text is "
                            "put at the start of its first user turn.", self.model_name)
@@ -137,8 +141,38 @@ class ConversationEncoder:
         conversation = [{"role": m.role, "content": text if self.string_content else self._structured(text)}
                         for m, text in zip(messages, texts)]
         with _time_limit(self.render_time_limit):
+            if self._compiled_template is not None:
+                return self._compiled_template.render(messages=conversation, tools=None, documents=None,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      **self._template_variables)
             return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
                                                       tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _compile_template(self) -> None:
+        """Render with transformers' compiled template directly, when that gives what `apply_chat_template` gives
+        (checked on the probe conversations): the wrapper re-validates and copies every message on every call,
+        ~40% of a rendering, repeated twice per sample."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+            compiled = _compile_jinja_template(self.chat_template)
+        except Exception:  # noqa: BLE001 - a transformers without it (or a template it cannot compile) keeps the wrapper
+            return
+        variables = {k: v for k, v in self.tokenizer.special_tokens_map.items()
+                     if type(v) is str or (type(v) is list and all(type(x) is str for x in v))}
+        if len(variables) != len(self.tokenizer.special_tokens_map):
+            return  # token objects: the wrapper turns them into plain data first
+        probes = [[Message("system", "Be brief."), Message("user", f"{self.image_token}\nWhat is it?"),
+                   Message("assistant", "A cat.", trained=True), Message("user", "And?")],
+                  [Message("user", "Hi"), Message("assistant", "Hello", trained=True)]]
+        try:
+            expected = [(self._render([m.content for m in p], self._fold_system(p), g), p, g)
+                        for p in probes for g in (False, True)]
+            self._compiled_template, self._template_variables = compiled, variables
+            if all(self._render([m.content for m in p], self._fold_system(p), g) == text for text, p, g in expected):
+                return
+        except Exception:  # noqa: BLE001 - templates that reject a probe keep the wrapper
+            pass
+        self._compiled_template = None
 
     def _fold_system(self, messages: list[Message]) -> list[Message]:
         """`messages`, with a leading system turn merged into the first user turn when the template has none."""
@@ -194,6 +228,9 @@ class ConversationEncoder:
         messages = self._fold_system(messages)
         contents = [m.content for m in messages]
         rendered = self._render(contents, messages, add_generation_prompt=False)
+        regions = self._align_with_known_skeleton(rendered, contents, messages)
+        if regions is not None:
+            return self._with_end_of_turn(rendered, regions, messages)
         wrapped = self._render([_mark(2 * i) + text + _mark(2 * i + 1) for i, text in enumerate(contents)],
                                messages, add_generation_prompt=False)
         regions = _unwrap(wrapped, rendered, len(messages))
@@ -203,6 +240,30 @@ class ConversationEncoder:
         if regions is None:
             raise ValueError("the template changes this conversation's texts in a way that hides where each turn "
                              "is (only the texts themselves may differ between renderings)")
+        return self._with_end_of_turn(rendered, regions, messages)
+
+    def _align_with_known_skeleton(self, rendered: str, contents: list[str], messages: list[Message]
+                                   ) -> list[tuple[int, int]] | None:
+        """The spans of the texts in `rendered`, from the skeleton (markers in place of texts) rendered once per
+        sequence of roles; None when the rendering does not match it, i.e. the template writes something else
+        around these texts (then `_locate` renders the probing versions of this conversation itself).
+
+        Why: a skeleton depends only on the roles, so one rendering per sample suffices for almost every sample
+        instead of two; the alignment checks every character of the scaffolding, so a match is exact. Only for
+        string-content templates, whose skeleton does not depend on where images are."""
+        if not self.string_content:
+            return None
+        roles = tuple(m.role for m in messages)
+        skeleton = self._skeletons.get(roles)
+        if skeleton is None:
+            if len(self._skeletons) >= 4096:  # distinct role sequences are few; bound memory all the same
+                self._skeletons.clear()
+            skeleton = self._skeletons[roles] = self._render([_mark(i) for i in range(len(messages))], messages,
+                                                             add_generation_prompt=False)
+        return _align(skeleton, rendered, contents)
+
+    def _with_end_of_turn(self, rendered: str, regions: list[tuple[int, int]], messages: list[Message]
+                          ) -> tuple[str, list[tuple[int, int]], list[Message]]:
         if self.appends_end_of_turn:
             rendered, regions = _insert_after_trained(rendered, regions, messages, self.end_of_turn)
         return rendered, regions, messages
@@ -318,7 +379,10 @@ class ConversationEncoder:
         the tokens of their characters."""
         input_ids, offsets = self._token_offsets(text)
         trained = _overlaps_any(offsets, spans)
-        typed = np.isin(input_ids, self.special_id_array) & _inside_any(offsets, regions)
+        special = self._is_special[input_ids]
+        if not special.any():
+            return input_ids, trained
+        typed = special & _inside_any(offsets, regions)
         if not typed.any():
             return input_ids, trained
         pieces_ids, pieces_trained = [], []

@@ -34,7 +34,7 @@ class SampleChecker:
         self.encoder = encoder
         self.image_folder = image_folder
         self.allow_absolute_image_paths = allow_absolute_image_paths
-        self._checked_images: set[str] = set()  # many questions share an image: check each file once
+        self._checked_images: set[str] = set()  # many questions share an image: check each path once
 
     def __call__(self, sample: Sample | DataError):
         if isinstance(sample, DataError):
@@ -44,10 +44,10 @@ class SampleChecker:
             warnings = self._image_in_answer(sample)
             encoded = self.encoder.encode_compact(sample, warnings)
             for relative in sample.images:
-                path = resolve_image_path(self.image_folder, relative, sample, self.allow_absolute_image_paths)
-                if path not in self._checked_images:
+                if relative not in self._checked_images:
+                    path = resolve_image_path(self.image_folder, relative, sample, self.allow_absolute_image_paths)
                     check_image(path, sample)
-                    self._checked_images.add(path)
+                    self._checked_images.add(relative)
             return encoded, None, warnings
         except DataError as error:
             return None, error, []

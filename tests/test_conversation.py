@@ -5,7 +5,9 @@ with that control token exactly once per answer (a literal `<|im_end|>` typed in
 prompt the model is asked to continue at inference must be exactly what preceded the answer in training.
 """
 
+import copy
 import itertools
+import re
 
 import pytest
 
@@ -147,3 +149,42 @@ def test_template_without_any_end_of_turn_and_no_eos_is_refused_before_training(
                                                language_model_name_or_path=str(tmp_path / "lm")))
     with pytest.raises(ValueError, match="never learn to stop"):
         ConversationEncoder(processor, max_length=512)
+
+
+def _reference_encoder(encoder: ConversationEncoder) -> ConversationEncoder:
+    """`encoder` without its shortcuts: each sample rendered through `apply_chat_template`, twice (plain and with
+    marked texts), as `_locate` does when no per-role-sequence skeleton matches."""
+    reference = copy.copy(encoder)
+    reference._compiled_template = None
+    reference._align_with_known_skeleton = lambda rendered, contents, messages: None
+    return reference
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_one_rendering_per_sample_encodes_exactly_as_the_probing_renderings(encoders, family):
+    """The fast path (the compiled template called directly, texts aligned to a skeleton rendered once per role
+    sequence) gives the same tokens and labels as rendering each sample's probes, also for texts that templates
+    edit (surrounding whitespace: Llama 3 trims) or that change the scaffolding (Qwen3 drops earlier think blocks)."""
+    encoder = encoders[family]
+    reference = _reference_encoder(encoder)
+    tricky = {
+        "whitespace": {"conversations": turns(("  Hi there \n", " Hello. \n"), ("\nMore?\n", "\tYes "))},
+        "think": {"conversations": turns(("Q1?", "<think>hm</think>\n\nA1."), ("Q2?", "<think>ok</think>A2."))},
+        "scaffolding_typed": {"conversations": turns(("user\nassistant\n[INST]", "<start_of_turn>model\n### x"))},
+    }
+    kinds = {**samples(FAMILIES[family].eos_token or "</s>"), **tricky}
+    for _ in range(2):  # the second pass finds every skeleton already there
+        for kind, record in kinds.items():
+            sample = to_sample({"id": kind, **record}, "mem")
+            try:
+                expected = reference.encode(sample)
+            except DataError as error:
+                with pytest.raises(DataError, match=re.escape(str(error).split(":")[0])):
+                    encoder.encode(sample)
+                continue
+            assert encoder.encode(sample) == expected, kind
+    assert encoder._compiled_template is not None
+    single = encoder._fold_system(to_sample({"id": "s", **kinds["system_multi_turn"]}, "mem").messages)
+    rendered = encoder.render(single)
+    if encoder.string_content:  # the shortcut is taken for plain samples (llava-hf's typed-parts template: never)
+        assert encoder._align_with_known_skeleton(rendered, [m.content for m in single], single) is not None

@@ -4,7 +4,7 @@ import pytest
 
 from llava.arguments import ModelArguments
 from llava.conversation import ConversationEncoder
-from llava.data import load_samples, to_sample
+from llava.data import load_samples, read_records, to_sample
 from llava.errors import DataError
 from llava.dataset import build_dataset
 from llava.processor import IGNORE_INDEX, build_processor
@@ -126,6 +126,32 @@ def test_reader_errors_name_file_and_position(tmp_path):
     with pytest.raises(DataError, match=r"role.json\[0\] \(id 'r'\): turn 0 has an unknown role"):
         load_samples([str(role)])
 
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"id": "a"},\n {"id": "b" "x": 1}]', r"line 2, column 13: Expecting ',' delimiter"),
+    ('[{"id": "a"} {"id": "b"}]', r"column 14: Expecting ',' delimiter"),
+    ('[{"id": "a"}] trailing', r"column 15: Extra data"),
+    ('[{"id": "a"},', r"column 14: Expecting value"),
+    ('{"id": "a"}', r"expected a JSON list of samples, got dict"),
+    ('{"id": ', r"malformed JSON at column 8"),
+])
+def test_json_lists_are_read_item_by_item_with_exact_error_positions(tmp_path, text, message):
+    """.json lists are parsed one record at a time (memory: the text, not 5x its size as objects), and still
+    report where a file is broken."""
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        list(read_records(str(path)))
+
+
+def test_json_list_reading_gives_what_json_loads_gives(tmp_path):
+    records = [*conversation_records(), {"id": "ü 😀", "nested": {"a": [1, 2.5, None, True]}}, [], "x"]
+    path = tmp_path / "data.json"
+    path.write_text(" \n[ " + ",\n  ".join(json.dumps(r, ensure_ascii=False) for r in records) + " ]\n")
+    assert [record for _, record in read_records(str(path))] == records
+    (tmp_path / "empty.json").write_text("[ ]")
+    assert list(read_records(str(tmp_path / "empty.json"))) == []
 
 def test_images_without_image_folder_are_refused(parts):
     processor = make_processor(parts, None)
