@@ -7,8 +7,9 @@ and trains. Its last stdout line is one JSON object (`Recorder.result`).
 Measured in the training process:
 - steady-state throughput: wall time from the end of optimizer step `--warmup_steps` to the end of the last step
   (each interval: fetch and collate the batch, forward, backward, optimizer step, Trainer bookkeeping);
-  samples/s = samples in those steps / time; tokens/s counts non-pad tokens (image tokens included);
-- pad_fraction: padded positions / (batch x padded length) over the measured steps;
+  samples/s = samples in those steps / time (a packed row counts the samples in it); tokens/s counts non-pad
+  tokens (image tokens included); `samples_measured` and `tokens_measured` are the totals behind them;
+- pad_fraction: padded positions / (rows x padded length) over the measured steps;
 - peak_rss_mb: the process's `ru_maxrss` (model load included);
 - vision_graph: whether the vision tower's output required grad (an autograd graph through a frozen tower);
 - cpu_util: process CPU seconds per wall second in the window (2.0 = both cores busy; well below --threads
@@ -85,19 +86,40 @@ def freeze_for_stage(model, stage: str) -> None:
         param.requires_grad = any(part in name for part in trains) and "vision_tower" not in name
 
 
-def single_turn_records(path: str, image_folder: str) -> list[dict]:
-    """LLaVA JSON with one question and one answer per sample -> {image, question, answer} for the baselines."""
+def conversation_records(path: str, image_folder: str) -> list[dict]:
+    """LLaVA JSON -> {image: path or None, messages: [{role, content}, ...]} for the baselines.
+
+    `<image>` is taken out of the first question: each baseline places the image there its own way. Only what
+    both baselines can be given the same samples in is accepted: alternating human/gpt turns and at most one
+    image, marked in the first question.
+    """
     with open(path) as f:
         records = json.load(f)
     out = []
     for record in records:
-        if len(record["conversations"]) != 2 or "image" not in record:
-            raise SystemExit(f"{path}: sample {record['id']!r} is not single-turn with one image; the baselines "
-                             "only take those")
-        human, gpt = record["conversations"]
-        out.append({"image": os.path.join(image_folder, record["image"]), "answer": gpt["value"],
-                    "question": human["value"].replace("<image>\n", "").replace("<image>", "").strip()})
+        turns = record["conversations"]
+        alternating = [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        marked = "<image>" in turns[0]["value"]
+        if not alternating or marked != ("image" in record) or any("<image>" in t["value"] for t in turns[1:]):
+            raise SystemExit(f"{path}: sample {record['id']!r} is not human/gpt turns with at most one image, "
+                             "marked in its first question; the baselines only take those")
+        messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
+        if marked:
+            messages[0]["content"] = messages[0]["content"].replace("<image>\n", "").replace("<image>", "").strip()
+        out.append({"image": os.path.join(image_folder, record["image"]) if marked else None, "messages": messages})
     return out
+
+
+def packed_samples(position_ids, labels) -> tuple[int, int]:
+    """Samples and their tokens in a batch of packed rows (`llava.packing.PackingCollator`): every sample's
+    positions restart at 0, and so do those of a row's padding, which alone has no trained label."""
+    samples = tokens = 0
+    for positions, row_labels in zip(position_ids, labels):
+        starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
+        for start, end in zip(starts, starts[1:]):
+            if (row_labels[start:end] != -100).any():
+                samples, tokens = samples + 1, tokens + end - start
+    return samples, tokens
 
 
 class Recorder:
@@ -114,10 +136,13 @@ class Recorder:
         self.load_start = os.getloadavg()[0]
 
     def on_batch(self, inputs: dict) -> None:
-        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        nonpad = int(mask.sum()) if mask is not None else ids.numel()
-        labels = inputs.get("labels")
-        self.batches.append({"size": ids.shape[0], "length": ids.shape[1], "nonpad": nonpad,
+        """A batch's samples and non-pad tokens; packed rows (positions, no attention mask) hold several samples."""
+        ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+        if mask is None and inputs.get("position_ids") is not None:
+            samples, nonpad = packed_samples(inputs["position_ids"], labels)
+        else:
+            samples, nonpad = ids.shape[0], int(mask.sum()) if mask is not None else ids.numel()
+        self.batches.append({"samples": samples, "rows": ids.shape[0], "length": ids.shape[1], "nonpad": nonpad,
                              "trained": int((labels != -100).sum()) if labels is not None else 0})
 
     def on_vision_output(self, module, inputs, output) -> None:
@@ -162,12 +187,14 @@ class Recorder:
         if len(ends) >= warmup + 2:
             measured = self.batches[warmup:len(ends)]
             seconds = ends[-1] - ends[warmup - 1]
-            samples = sum(b["size"] for b in measured)
+            samples = sum(b["samples"] for b in measured)
             nonpad = sum(b["nonpad"] for b in measured)
-            slots = sum(b["size"] * b["length"] for b in measured)
+            slots = sum(b["rows"] * b["length"] for b in measured)
             steps = [ends[i] - ends[i - 1] for i in range(warmup, len(ends))]
             res.update({
                 "steps_measured": len(measured), "measured_s": round(seconds, 2),
+                "samples_measured": samples, "tokens_measured": nonpad,
+                "samples_per_step": round(samples / len(measured), 2),
                 "samples_per_s": round(samples / seconds, 3), "tokens_per_s": round(nonpad / seconds, 1),
                 "pad_fraction": round(1 - nonpad / slots, 4),
                 "tokens_per_sample": round(nonpad / samples, 1),

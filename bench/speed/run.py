@@ -1,6 +1,8 @@
 """Speed benchmark: our trainer against TRL's SFTTrainer and the zero_nlp plain-Trainer recipe, side by side.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/speed/run.py             # SmolLM2-135M LLaVA, 3 alternations (~40 min)
+    OMP_WAIT_POLICY=PASSIVE python bench/speed/run.py             # SmolLM2-135M LLaVA, all stages, 3 alternations
+    python bench/speed/run.py --stages mixed1,mixed2 --sides ours,ours_packed,zero_nlp,trl --repeats 2 \
+        --target_seconds 40                                       # the mixed-length set only (~EST min)
     python bench/speed/run.py --quick                             # smoke run: 2-layer LM, a few steps (CI)
 
 Every side trains the same checkpoint (`prepare.py`) on the same data file with the same batch size, learning
@@ -10,9 +12,13 @@ the order rotating between repeats so no side always runs first. The table gives
 ours / baseline as the median of the per-repeat ratios. `OMP_WAIT_POLICY` is set to the same value for every
 side (--omp_wait_policy; default PASSIVE, the setting `make` uses; "unset" removes it).
 
-A mixed-length LLaVA-style set (captions, multi-turn conversations, text-only questions) runs through ours to
-measure padding: per measured batch, and over one whole epoch of its sampler (`epoch_pad_fraction`, with the
-same figure for plain random batches beside it).
+Stages: stage1 (projector only) and stage2 (projector + LM) on single-turn one-image samples; mixed1 and mixed2,
+the same two freezings on a mixed-length LLaVA-style set (prepare.py's mixed.json: captions, multi-turn
+conversations, text-only questions), which every side trains whole (see side_zero_nlp.py for what its recipe
+needed). Sides: ours (length-grouped batches, the default), ours_packed (`--packing True`, side_ours_packed.py),
+zero_nlp, trl. Per run: samples/s (a packed row counts its samples), non-pad tokens/s, the samples and tokens
+measured, and the padding; ours' runs on the mixed set also give the padding over one whole epoch of its sampler
+(`epoch_pad_fraction`, with the same figure for plain random batches beside it).
 
 Writes <out>/results.jsonl (one JSON per run), <out>/table.md; the last stdout line is a JSON summary.
 TRL is optional (`pip install -e .[bench]`); without it that side is skipped and the table says so.
@@ -30,8 +36,11 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OURS = ("ours", "ours_packed")
 BASELINES = ("zero_nlp", "trl")
-TARGETS = {"stage1": 2.0, "stage2": 1.3}  # ours / faster baseline, samples per second
+STAGES = {"stage1": ("stage1", "stage1"), "stage2": ("stage2", "stage2"),  # stage -> (data file, freezing)
+          "mixed1": ("mixed", "stage1"), "mixed2": ("mixed", "stage2")}
+TARGETS = {"stage1": 2.0, "stage2": 1.3, "mixed1": 2.0, "mixed2": 2.0}  # ours / faster baseline, samples per second
 PAD_TARGET = 0.05
 
 
@@ -58,61 +67,70 @@ def median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
+def ratio_by_repeat(runs: list[dict], other: list[dict]) -> float | None:
+    """Median over repeats of samples/s of `runs` / samples/s of `other` in the same repeat."""
+    other_by_repeat = {r["repeat"]: r["samples_per_s"] for r in other}
+    return median([r["samples_per_s"] / other_by_repeat[r["repeat"]] for r in runs if r["repeat"] in other_by_repeat])
+
+
 def summarize(results: list[dict], sides: list[str]) -> tuple[str, dict]:
-    lines = ["| stage | side | runs | samples/s | tokens/s | pad fraction | peak RSS (MB) | step s | ours / side |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | side | runs | samples/s | tokens/s | samples | tokens/sample | pad fraction | peak RSS (MB) | "
+             "step s | ours / side |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     summary: dict = {}
-    for stage in ("stage1", "stage2"):
+    for stage in STAGES:
         rows = {s: [r for r in results if r["stage"] == stage and r["side"] == s and "samples_per_s" in r]
                 for s in sides}
         if not any(rows.values()):
             continue
-        ours_by_repeat = {r["repeat"]: r["samples_per_s"] for r in rows.get("ours", [])}
         stage_summary = {}
         for side, runs in rows.items():
             if not runs:
                 continue
-            ratios = [ours_by_repeat[r["repeat"]] / r["samples_per_s"] for r in runs if r["repeat"] in ours_by_repeat]
             entry = {"runs": len(runs), "samples_per_s": median([r["samples_per_s"] for r in runs]),
                      "tokens_per_s": median([r["tokens_per_s"] for r in runs]),
+                     "samples_measured": median([r["samples_measured"] for r in runs]),
+                     "tokens_measured": median([r["tokens_measured"] for r in runs]),
+                     "tokens_per_sample": median([r["tokens_per_sample"] for r in runs]),
                      "pad_fraction": median([r["pad_fraction"] for r in runs]),
                      "peak_rss_mb": median([r["peak_rss_mb"] for r in runs]),
                      "step_s": median([r["step_s_median"] for r in runs]),
-                     "ours_over_side": median(ratios) if side != "ours" else None}
+                     "ours_over_side": ratio_by_repeat(rows.get("ours", []), runs) if side != "ours" else None}
             stage_summary[side] = entry
             ratio = f"{entry['ours_over_side']:.2f}x" if entry["ours_over_side"] else "-"
             lines.append(f"| {stage} | {side} | {entry['runs']} | {entry['samples_per_s']:.3f} | "
-                         f"{entry['tokens_per_s']:.1f} | {entry['pad_fraction']:.3f} | {entry['peak_rss_mb']:,.0f} | "
-                         f"{entry['step_s']:.2f} | {ratio} |")
-        baselines = {s: e for s, e in stage_summary.items() if s != "ours"}
-        if "ours" in stage_summary and baselines:
-            fastest = max(baselines, key=lambda s: baselines[s]["samples_per_s"])
-            lowest_rss = min(e["peak_rss_mb"] for e in baselines.values())
+                         f"{entry['tokens_per_s']:.1f} | {entry['samples_measured']:.0f} | "
+                         f"{entry['tokens_per_sample']:.1f} | {entry['pad_fraction']:.3f} | "
+                         f"{entry['peak_rss_mb']:,.0f} | {entry['step_s']:.2f} | {ratio} |")
+        baselines = [s for s in BASELINES if s in stage_summary]
+        if baselines:
+            fastest = max(baselines, key=lambda s: stage_summary[s]["samples_per_s"])
+            lowest_rss = min(stage_summary[s]["peak_rss_mb"] for s in baselines)
             stage_summary["vs_faster_baseline"] = {
-                "baseline": fastest, "ratio": baselines[fastest]["ours_over_side"], "target": TARGETS[stage],
-                "rss_ours_mb": stage_summary["ours"]["peak_rss_mb"], "rss_lowest_baseline_mb": lowest_rss}
+                side: {"baseline": fastest, "ratio": ratio_by_repeat(rows[side], rows[fastest]),
+                       "target": TARGETS[stage], "rss_mb": stage_summary[side]["peak_rss_mb"],
+                       "rss_lowest_baseline_mb": lowest_rss} for side in OURS if side in stage_summary}
         summary[stage] = stage_summary
-    mixed = [r for r in results if r["stage"] == "mixed" and "pad_fraction" in r]
+    mixed = [r for r in results if r["side"] == "ours" and STAGES[r["stage"]][0] == "mixed" and "pad_fraction" in r]
     if mixed:
-        summary["mixed"] = {"pad_fraction_measured": median([r["pad_fraction"] for r in mixed]),
-                            "epoch_pad_fraction": mixed[0].get("epoch_pad_fraction"),
-                            "epoch_pad_fraction_random_batches": mixed[0].get("epoch_pad_fraction_random"),
-                            "target": PAD_TARGET}
+        summary["mixed_padding"] = {"pad_fraction_measured": median([r["pad_fraction"] for r in mixed]),
+                                    "epoch_pad_fraction": mixed[0].get("epoch_pad_fraction"),
+                                    "epoch_pad_fraction_random_batches": mixed[0].get("epoch_pad_fraction_random"),
+                                    "target": PAD_TARGET}
     return "\n".join(lines), summary
 
 
 def target_lines(summary: dict) -> list[str]:
     lines = []
     for stage, target in TARGETS.items():
-        vs = summary.get(stage, {}).get("vs_faster_baseline")
-        if vs and vs["ratio"]:
-            lines.append(f"{stage}: ours / {vs['baseline']} (faster baseline) = {vs['ratio']:.2f}x "
-                         f"(target >= {target}x: {'met' if vs['ratio'] >= target else 'MISSED'}); peak RSS "
-                         f"{vs['rss_ours_mb']:,.0f} MB vs lowest baseline {vs['rss_lowest_baseline_mb']:,.0f} MB "
-                         f"({'met' if vs['rss_ours_mb'] <= vs['rss_lowest_baseline_mb'] else 'MISSED'})")
-    mixed = summary.get("mixed")
+        for side, vs in summary.get(stage, {}).get("vs_faster_baseline", {}).items():
+            if vs["ratio"]:
+                lines.append(f"{stage}: {side} / {vs['baseline']} (faster baseline) = {vs['ratio']:.2f}x "
+                             f"(target >= {target}x: {'met' if vs['ratio'] >= target else 'MISSED'}); peak RSS "
+                             f"{vs['rss_mb']:,.0f} MB vs lowest baseline {vs['rss_lowest_baseline_mb']:,.0f} MB "
+                             f"({'met' if vs['rss_mb'] <= vs['rss_lowest_baseline_mb'] else 'MISSED'})")
+    mixed = summary.get("mixed_padding")
     if mixed:
-        lines.append(f"mixed-length set: padding {mixed['pad_fraction_measured']:.3f} in the measured batches, "
+        lines.append(f"mixed-length set, ours: padding {mixed['pad_fraction_measured']:.3f} in the measured batches, "
                      f"{mixed['epoch_pad_fraction']:.3f} over an epoch (random batches: "
                      f"{mixed['epoch_pad_fraction_random_batches']:.3f}; target <= {PAD_TARGET})")
     return lines
@@ -123,8 +141,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 2-layer LM, 4 steps, batch 4, one repeat")
     p.add_argument("--work_dir", default="/tmp/llava-speed", help="model and data (built once, then reused)")
     p.add_argument("--out", default=None, help="results folder (default: <work_dir>/results-<time>)")
-    p.add_argument("--sides", default="ours,zero_nlp,trl")
-    p.add_argument("--stages", default="stage1,stage2")
+    p.add_argument("--sides", default="ours,ours_packed,zero_nlp,trl", help=f"of {', '.join(OURS + BASELINES)}")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"of {', '.join(STAGES)}")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--steps", type=int, default=200)
@@ -133,13 +151,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--omp_wait_policy", default="PASSIVE", help="PASSIVE, ACTIVE or unset; the same for every side")
-    p.add_argument("--no_mixed", action="store_true", help="skip the mixed-length padding run")
     args = p.parse_args()
     prepare = [sys.executable, os.path.join(HERE, "prepare.py"), "--work_dir", args.work_dir]
     if args.quick:
         args.repeats, args.batch_size, args.steps, args.target_seconds = 1, 4, 4, 0
         prepare += ["--lm_layers", "2", "--max_images", "40", "--samples", "64"]
-    sides = args.sides.split(",")
+    sides, stages = args.sides.split(","), args.stages.split(",")
+    unknown = sorted(set(sides) - set(OURS + BASELINES)) + sorted(set(stages) - set(STAGES))
+    if unknown:
+        p.error(f"unknown side or stage: {', '.join(unknown)}")
     if "trl" in sides and importlib.util.find_spec("trl") is None:
         print("trl is not installed (pip install -e .[bench]): skipping the TRL side", flush=True)
         sides.remove("trl")
@@ -153,19 +173,18 @@ def main() -> None:
     results = []
     for repeat in range(1, args.repeats + 1):
         order = sides[repeat - 1:] + sides[:repeat - 1]  # rotate: no side always runs first
-        runs = [(stage, side) for stage in args.stages.split(",") for side in order]
-        if not args.no_mixed and repeat == 1 and "ours" in sides:
-            runs.append(("mixed", "ours"))
+        runs = [(stage, side) for stage in stages for side in order]
         for stage, side in runs:
-            data = assets[stage]
+            data, freezing = STAGES[stage]
             name = f"{side}-{stage}-r{repeat}"
-            result = run_side(side, "stage2" if stage == "mixed" else stage, data, assets, args,
-                              os.path.join(out, name + ".json"))
+            result = run_side(side, freezing, assets[data], assets, args, os.path.join(out, name + ".json"))
             result.update(repeat=repeat, stage=stage)
             results.append(result)
             with open(os.path.join(out, "results.jsonl"), "a") as f:
                 f.write(json.dumps(result) + "\n")
             print(f"[{time.strftime('%H:%M:%S')}] {name}: {result.get('samples_per_s')} samples/s, "
+                  f"{result.get('tokens_per_s')} tokens/s, {result.get('samples_measured')} samples / "
+                  f"{result.get('tokens_measured')} tokens measured, "
                   f"pad {result.get('pad_fraction')}, rss {result.get('peak_rss_mb')} MB, "
                   f"cpu_util {result.get('cpu_util')}, load {result.get('load1_start')}", flush=True)
     table, summary = summarize(results, sides)

@@ -22,11 +22,13 @@ FREEZE_FLAGS = {
 }
 
 
-def main() -> None:
-    args, train_flags = harness.parse(__doc__)
+def main(side: str = "ours", doc: str = __doc__, side_flags: tuple[str, ...] = ()) -> None:
+    """`side_flags` go to train_llava.py after the common ones (a variant of ours, e.g. `side_ours_packed.py`)."""
+    args, train_flags = harness.parse(doc)
+    train_flags = [*side_flags, *train_flags]
     import llava.train
 
-    recorder = harness.Recorder(args, "ours")
+    recorder = harness.Recorder(args, side)
     llava.train.LlavaTrainer = harness.instrument(llava.train.LlavaTrainer, recorder)
     argv = ["--model_name_or_path", args.model, "--data_path", args.data, "--image_folder", args.image_folder,
             "--output_dir", tempfile.mkdtemp(prefix="speed-ours-"), *FREEZE_FLAGS[args.stage],
@@ -37,12 +39,11 @@ def main() -> None:
     if args.grad_ckpt != "auto":
         argv += ["--gradient_checkpointing", str(args.grad_ckpt == "on")]
     trainer = llava.train.main(argv + train_flags)
-    lengths = trainer.train_dataset.lengths
+    lengths, rows = trainer.train_dataset.lengths, trainer.args.per_device_train_batch_size  # packed: rows' lengths
     harness.emit(recorder.result({
         "grad_ckpt": bool(trainer.args.gradient_checkpointing), "train_flags": " ".join(train_flags),
-        "epoch_pad_fraction": epoch_pad_fraction(lengths, list(trainer._get_train_sampler()), args.batch_size),
-        "epoch_pad_fraction_random": epoch_pad_fraction(lengths, torch.randperm(len(lengths)).tolist(),
-                                                        args.batch_size),
+        "epoch_pad_fraction": epoch_pad_fraction(lengths, list(trainer._get_train_sampler()), rows),
+        "epoch_pad_fraction_random": epoch_pad_fraction(lengths, torch.randperm(len(lengths)).tolist(), rows),
     }), args.out_json)
 
 

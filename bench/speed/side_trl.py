@@ -1,8 +1,11 @@
 """Baseline: TRL's `SFTTrainer` on vision-language data, as TRL documents it (needs the `bench` extra: trl).
 
-The dataset has an `images` column (PIL images, decoded lazily from the paths by `datasets`) and a
-conversational `messages` column; SFTTrainer sees the processor and the images and collates with
-`DataCollatorForVisionLanguageModeling` (processor.apply_chat_template per batch, right padding). TRL's defaults
+The dataset has an `images` column (PIL images, decoded lazily from the paths by `datasets`; an empty list for a
+text-only sample) and a conversational `messages` column (every turn of the conversation); SFTTrainer sees the
+processor and the images and collates with `DataCollatorForVisionLanguageModeling` (processor.apply_chat_template
+per batch, right padding; `prepare_multimodal_messages` puts a sample's images before its first question, and a
+batch without any image is processed with `images=None`). TRL supports text-only samples in a vision dataset
+(SFTTrainer's comment on "a text-only batch of a mixed one"); it refuses packing for vision datasets. TRL's defaults
 are kept: activation checkpointing on (--grad_ckpt off to change), a loss on every non-pad token of "messages"
 data, its fused LM-head loss. Overridden as for every side: fp32, learning rate, batch, steps, workers.
 
@@ -27,11 +30,10 @@ def main() -> None:
     model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(args.model)
     harness.freeze_for_stage(model, args.stage)
-    records = harness.single_turn_records(args.data, args.image_folder)
+    records = harness.conversation_records(args.data, args.image_folder)
     dataset = datasets.Dataset.from_dict({
-        "images": [[r["image"]] for r in records],
-        "messages": [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
-                     for r in records],
+        "images": [[r["image"]] if r["image"] else [] for r in records],
+        "messages": [r["messages"] for r in records],
     }).cast_column("images", datasets.List(datasets.Image()))
     recorder = harness.Recorder(args, "trl")
     config = SFTConfig(max_length=None, **harness.trainer_kwargs(args, tempfile.mkdtemp(prefix="speed-trl-")))
