@@ -1,9 +1,9 @@
 """Speed benchmark: our trainer against TRL's SFTTrainer and the zero_nlp plain-Trainer recipe, side by side.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/speed/run.py             # SmolLM2-135M LLaVA, all stages, 3 alternations
+    OMP_WAIT_POLICY=PASSIVE python bench/speed/run.py   # SmolLM2-135M LLaVA, all stages and sides, 3 repeats (~1.5 h)
     python bench/speed/run.py --stages mixed1,mixed2 --sides ours,ours_packed,zero_nlp,trl --repeats 2 \
-        --target_seconds 40                                       # the mixed-length set only (~EST min)
-    python bench/speed/run.py --quick                             # smoke run: 2-layer LM, a few steps (CI)
+        --target_seconds 40                             # the mixed-length set only (~30 min, see README)
+    python bench/speed/run.py --quick                   # smoke run: 2-layer LM, a few steps (CI)
 
 Every side trains the same checkpoint (`prepare.py`) on the same data file with the same batch size, learning
 rate, precision (fp32), torch threads, dataloader workers and environment, each in a fresh process (a child's
