@@ -13,7 +13,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,8 +46,9 @@ class Sample:
 
 # --------------------------------------------------------------------------------------------- reading
 
-def read_records(path: str):
-    """Yield (location, record) from a LLaVA .json list or a .jsonl file (one object per line; the suffix in any case).
+def read_records(path: str, advance: Callable[[int], None] = lambda size: None):
+    """Yield (location, record) from a LLaVA .json list or a .jsonl file (one object per line; the suffix in any case),
+    calling `advance(n)` as each n bytes of the file are read (for progress and its ETA).
 
     A malformed JSONL line (bad JSON, bytes that are not UTF-8, nesting too deep to parse) is yielded as
     (location, DataError) so one bad line does not hide the rest; a malformed .json file raises where the error is,
@@ -56,6 +57,7 @@ def read_records(path: str):
     with open(path, "rb") as f:
         if path.lower().endswith(".jsonl"):
             for line_number, line in enumerate(f, start=1):
+                advance(len(line))
                 if line.strip():
                     location = f"{path}:{line_number}"
                     try:
@@ -63,16 +65,22 @@ def read_records(path: str):
                     except DataError as error:
                         yield location, error
             return
-        text = _decode(f.read(), path)
-    for index, record in enumerate(_json_list_items(text, path)):
+        data = f.read()
+    text = _decode(data, path)
+    bytes_per_character, read = len(data) / max(1, len(text)), 0
+    del data
+    for index, (record, end) in enumerate(_json_list_items(text, path)):
+        advance(round(end * bytes_per_character) - read)
+        read = round(end * bytes_per_character)
         yield f"{path}[{index}]", record
+    advance(round(len(text) * bytes_per_character) - read)
 
 
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _json_list_items(text: str, where: str) -> Iterator:
-    """The items of the JSON list in `text`, parsed one at a time.
+def _json_list_items(text: str, where: str) -> Iterator[tuple[object, int]]:
+    """The items of the JSON list in `text`, parsed one at a time, each with the position where it ends.
 
     Why not `json.loads`: parsed records take ~5x their text's size (a 650 MB mix665k file is 3.1 GB as Python
     objects), and only a chunk of them is needed at a time; this holds the text and one chunk's records."""
@@ -93,7 +101,7 @@ def _json_list_items(text: str, where: str) -> Iterator:
             raise _json_error(error, where) from None
         except RecursionError:
             raise _too_deep(where) from None
-        yield record
+        yield record, position
         position = _SPACE.match(text, position).end()
         if text.startswith(",", position):
             position = _SPACE.match(text, position + 1).end()
@@ -217,12 +225,13 @@ def _check_encodable(text: str, where: str) -> None:
                         "JSON); fix or remove it.", kind="invalid_text") from None
 
 
-def iter_samples(data_paths: list[str]):
-    """Yield a `Sample`, or the `DataError` of a malformed record, for every record of every file, in order."""
+def iter_samples(data_paths: list[str], advance: Callable[[int], None] = lambda size: None):
+    """Yield a `Sample`, or the `DataError` of a malformed record, for every record of every file, in order;
+    `advance(n)` is called as each n bytes of the files are read."""
     for path in data_paths:
         if not os.path.isfile(path):
             raise DataError(f"--data_path file not found: {path}", kind="missing_data_file")
-        for location, record in read_records(path):
+        for location, record in read_records(path, advance):
             try:
                 yield to_sample(record, location)
             except DataError as error:

@@ -95,16 +95,19 @@ def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length
     """Read, tokenize and check every sample of every file, in parallel for large sets.
 
     Samples go through in chunks, each reduced to its tokens and what locates it before the next is read, so the
-    texts of only one chunk (beside a .json file's parsed list) are held at a time: a 665k-sample mix fits in a few
+    texts of only one chunk (beside a .json file's text) are held at a time: a 665k-sample mix fits in a few
     GB."""
     checker = SampleChecker(ConversationEncoder(processor, max_length), image_folder, allow_absolute_image_paths)
-    chunks = _chunks(iter_samples(data_paths), _CHUNK)
+    total_bytes = sum(os.path.getsize(path) for path in data_paths if os.path.isfile(path))
+    read = _Counter()  # bytes of the files read so far: the progress bar's position, for its rate and ETA
+    chunks = _chunks(iter_samples(data_paths, read), _CHUNK)
     first = next(chunks, [])
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     workers = workers if len(first) >= _POOL_THRESHOLD else 1
     samples, encoded, problems, warnings, first_seen = [], [], [], [], {}
-    with _checking(checker, workers) as check, tqdm(desc="checking samples", unit="sample", mininterval=2,
-                                                     disable=len(first) < 1000) as progress:
+    with _checking(checker, workers) as check, tqdm(
+            desc="checking samples", total=total_bytes, unit="B", unit_scale=True, mininterval=2,
+            disable=len(first) < 1000) as progress:
         for chunk in itertools.chain([first], chunks):
             for item, (tokens, problem, item_warnings) in zip(chunk, check(chunk)):
                 if not isinstance(item, DataError) and (duplicate := _duplicate_id(item, first_seen)):
@@ -115,7 +118,8 @@ def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length
                 else:  # training needs no texts any more: only what locates the sample and its images
                     samples.append(Sample(id=item.id, location=item.location, messages=[], images=item.images))
                     encoded.append(tokens)
-            progress.update(len(chunk))
+            progress.set_postfix_str(f"{len(samples) + len(problems)} samples", refresh=False)
+            progress.update(read.total - progress.n)  # the chunk iterator has read exactly up to this chunk's end
     lengths = [checker.encoder.expanded_length(tokens["input_ids"]) for tokens in encoded]
     return PreparedData(samples, TokenStore.from_samples(encoded, lengths), problems, warnings)
 
@@ -133,6 +137,14 @@ def _checking(checker: SampleChecker, workers: int) -> Iterator[Callable[[list],
             yield lambda chunk: pool.map(_check_in_worker, chunk, chunksize=256)
     finally:
         _worker_checker = None
+
+
+class _Counter:
+    def __init__(self):
+        self.total = 0
+
+    def __call__(self, amount: int) -> None:
+        self.total += amount
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
