@@ -312,6 +312,12 @@ class LlavaTrainingArguments(TrainingArguments):
         if self.deepspeed and self.use_cpu:
             raise ValueError("--deepspeed with --use_cpu True: accelerate would skip DeepSpeed and run plain DDP. "
                              "Drop --use_cpu: without a GPU DeepSpeed runs on its CPU accelerator over gloo.")
+        if self.eval_strategy != "no" or self.load_best_model_at_end:
+            raise ValueError(
+                f"--eval_strategy {self.eval_strategy} / --load_best_model_at_end {self.load_best_model_at_end}: "
+                "train_llava.py trains without an evaluation set, so there is nothing to evaluate or pick a best "
+                "checkpoint by. Drop these flags; evaluate saved checkpoints with `python -m llava.evaluate`, and "
+                "watch answers to held-out questions with --sample_data_path.")
         if self.freeze_vision_model and self.freeze_projector and self.freeze_language_model:
             raise ValueError(
                 "Every component is frozen, so nothing would train. Unfreeze at least one of "
