@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llava.checkpoints import fsync_dir, fsync_tree, write_json_atomically
 from llava.data import Sample
 from llava.errors import DataError
 
@@ -156,10 +157,12 @@ def cached(cache_dir: str | None, key: str, build: Callable[[], PreparedData]) -
         temporary = tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir)
         try:
             save_prepared(data, temporary)
-            with open(os.path.join(temporary, _COMPLETE), "w", encoding="utf-8") as f:
-                json.dump({"samples": len(data.samples), "problems": len(data.problems)}, f)
+            fsync_tree(temporary)  # on disk before the marker vouches for it: a machine crash leaves no bad cache
+            write_json_atomically(os.path.join(temporary, _COMPLETE),
+                                  {"samples": len(data.samples), "problems": len(data.problems)})
             try:
                 os.rename(temporary, folder)
+                fsync_dir(cache_dir)
             except OSError:  # another machine sharing the folder (no working lock across NFS) finished first
                 if not os.path.isfile(os.path.join(folder, _COMPLETE)):
                     raise
