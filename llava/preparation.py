@@ -91,12 +91,12 @@ def _check_in_worker(sample):
 
 
 def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length: int, image_folder: str | None,
-             allow_absolute_image_paths: bool = False, num_workers: int | None = None) -> PreparedData:
+                    allow_absolute_image_paths: bool = False, num_workers: int | None = None) -> PreparedData:
     """Read, tokenize and check every sample of every file, in parallel for large sets.
 
-    Samples go through in chunks, each reduced to its tokens and what locates it before the next is read, so the
-    texts of only one chunk (beside a .json file's text) are held at a time: a 665k-sample mix fits in a few
-    GB."""
+    Samples go through in chunks, each reduced to its tokens (one flat array per chunk) and what locates it, so the
+    texts of only two chunks (beside a .json file's text) are held at a time: a 665k-sample mix fits in a few GB.
+    The next chunk is read while the workers check the current one."""
     checker = SampleChecker(ConversationEncoder(processor, max_length), image_folder, allow_absolute_image_paths)
     total_bytes = sum(os.path.getsize(path) for path in data_paths if os.path.isfile(path))
     read = _Counter()  # bytes of the files read so far: the progress bar's position, for its rate and ETA
@@ -104,12 +104,14 @@ def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length
     first = next(chunks, [])
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     workers = workers if len(first) >= _POOL_THRESHOLD else 1
-    samples, encoded, problems, warnings, first_seen = [], [], [], [], {}
-    with _checking(checker, workers) as check, tqdm(
+    samples, parts, problems, warnings, first_seen = [], [], [], [], {}
+    with _checking(checker, workers) as submit, tqdm(
             desc="checking samples", total=total_bytes, unit="B", unit_scale=True, mininterval=2,
             disable=len(first) < 1000) as progress:
-        for chunk in itertools.chain([first], chunks):
-            for item, (tokens, problem, item_warnings) in zip(chunk, check(chunk)):
+        checked = ((chunk, submit(chunk), read.total) for chunk in itertools.chain([first], chunks))
+        for chunk, results, bytes_read in _one_ahead(checked):
+            encoded = []
+            for item, (tokens, problem, item_warnings) in zip(chunk, results.get()):
                 if not isinstance(item, DataError) and (duplicate := _duplicate_id(item, first_seen)):
                     warnings.append(duplicate)
                 warnings += item_warnings
@@ -118,25 +120,47 @@ def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length
                 else:  # training needs no texts any more: only what locates the sample and its images
                     samples.append(Sample(id=item.id, location=item.location, messages=[], images=item.images))
                     encoded.append(tokens)
+            parts.append(TokenStore.from_samples(
+                encoded, [checker.encoder.expanded_length(tokens["input_ids"]) for tokens in encoded]))
             progress.set_postfix_str(f"{len(samples) + len(problems)} samples", refresh=False)
-            progress.update(read.total - progress.n)  # the chunk iterator has read exactly up to this chunk's end
-    lengths = [checker.encoder.expanded_length(tokens["input_ids"]) for tokens in encoded]
-    return PreparedData(samples, TokenStore.from_samples(encoded, lengths), problems, warnings)
+            progress.update(bytes_read - progress.n)
+    return PreparedData(samples, TokenStore.concatenate(parts), problems, warnings)
+
+
+def _one_ahead(items: Iterator) -> Iterator:
+    """`items`, each handed out only once the next one was taken: taking one submits a chunk to the workers (and
+    reads it), so the workers check chunk k + 1 while chunk k's results are collected."""
+    previous = None
+    for item in items:
+        if previous is not None:
+            yield previous
+        previous = item
+    if previous is not None:
+        yield previous
 
 
 @contextlib.contextmanager
-def _checking(checker: SampleChecker, workers: int) -> Iterator[Callable[[list], list]]:
-    """A function that checks a chunk of samples: in `workers` forked processes (which inherit `checker`), or here."""
+def _checking(checker: SampleChecker, workers: int) -> Iterator[Callable[[list], object]]:
+    """A function that starts checking a chunk of samples and returns a handle whose `get()` gives the results: in
+    `workers` forked processes (which inherit `checker`), or here, at once."""
     global _worker_checker
     if workers <= 1:
-        yield lambda chunk: [checker(item) for item in chunk]
+        yield lambda chunk: _Checked([checker(item) for item in chunk])
         return
     _worker_checker = checker
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            yield lambda chunk: pool.map(_check_in_worker, chunk, chunksize=256)
+            yield lambda chunk: pool.map_async(_check_in_worker, chunk, chunksize=256)
     finally:
         _worker_checker = None
+
+
+class _Checked:
+    def __init__(self, results: list):
+        self.results = results
+
+    def get(self) -> list:
+        return self.results
 
 
 class _Counter:

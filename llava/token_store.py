@@ -56,6 +56,16 @@ class TokenStore:
         trained = np.concatenate([e["trained"] for e in encoded]) if encoded else np.zeros(0, bool)
         return cls(input_ids.astype(np.int32), trained.astype(bool), offsets, np.asarray(lengths, dtype=np.int32))
 
+    @classmethod
+    def concatenate(cls, stores: list[TokenStore]) -> TokenStore:
+        if not stores:
+            return cls.from_samples([], [])
+        ends = np.cumsum([len(store.input_ids) for store in stores])
+        offsets = [stores[0].offsets[:1]] + [store.offsets[1:] + (end - len(store.input_ids))
+                                             for store, end in zip(stores, ends)]
+        return cls(np.concatenate([s.input_ids for s in stores]), np.concatenate([s.trained for s in stores]),
+                   np.concatenate(offsets), np.concatenate([s.lengths for s in stores]))
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
