@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from llava.collator import LlavaDataCollator
+from llava.model import components, parameters_sharded
 from llava.processor import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,43 @@ class WholeBatches:
     def __call__(self, batches: list[list]) -> dict[str, torch.Tensor]:
         (items,) = batches
         return self.collator(items)
+
+
+def check_exact_packing(model: torch.nn.Module) -> None:
+    """Refuse --packing for a language model whose attention would cross the boundaries of packed samples.
+
+    Why: packed rows rely on the LM building its attention mask from the restarting `position_ids`
+    (`transformers.masking_utils.create_causal_mask(..., position_ids=...)`); a decoder that leaves them out (OPT in
+    transformers 5.x, possibly remote code) lets each sample attend to those before it in its row, silently. Two
+    forward passes of 20 tokens decide: a 4-token sample packed after one 16-token sample must come out as it does
+    after another (kept apart, nothing of the first reaches it; leaking, its logits change at every layer).
+    Skipped (with a warning) when weights are already sharded over processes (ZeRO-3): a lone pass would hang.
+    """
+    decoder = type(components(model)["language_model"]).__name__
+    if parameters_sharded(model):
+        logger.warning("--packing: weights are sharded, so the check that %s keeps packed samples apart is skipped.",
+                       decoder)
+        return
+    device = model.get_input_embeddings().weight.device
+    second = torch.arange(17, 21)
+    positions = torch.cat([torch.arange(16), torch.arange(4)]).to(device)[None]
+    logits = []
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for first in (torch.arange(1, 17), torch.arange(21, 37)):
+                row = torch.cat([first, second]).to(device)[None]
+                labels = torch.full_like(row, IGNORE_INDEX)
+                labels[:, -3:] = row[:, -3:]
+                logits.append(model(input_ids=row, labels=labels, position_ids=positions).logits.float())
+    finally:
+        model.train(training)
+    if (logits[0] - logits[1]).abs().max() > 1e-3 * logits[0].abs().max():
+        raise ValueError(f"--packing: {decoder} does not keep packed samples apart (its attention mask ignores the "
+                         "restarting position_ids), so they would attend to each other. Train it without --packing; "
+                         "--max_tokens_per_batch and --train_sampling_strategy group_by_length also keep padding "
+                         "low.")
 
 
 def planned_batches(dataset: torch.utils.data.Dataset, pad_token_id: int, max_length: int, packing: bool,

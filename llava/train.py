@@ -20,7 +20,7 @@ from llava.dataset import build_dataset
 from llava.final_output import finish_interrupted_publish
 from llava.lora import load_lora_model, save_lora_output
 from llava.model import load_model, set_trainable
-from llava.packing import planned_batches
+from llava.packing import check_exact_packing, planned_batches
 from llava.processor import load_processor
 from llava.preemption import PREEMPTED_EXIT_CODE
 from llava.recompute import recompute_mlp_activations
@@ -104,8 +104,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: L
         callbacks.append(SampleAnswersCallback(samples, data_args.sample_image_folder or data_args.image_folder,
                                                processor, max_image_pixels=data_args.max_image_pixels))
 
+    model = build_model(model_args, training_args, processor)
+    if training_args.packing:
+        check_exact_packing(model)
     trainer = LlavaTrainer(
-        model=build_model(model_args, training_args, processor), args=training_args, train_dataset=train_dataset,
+        model=model, args=training_args, train_dataset=train_dataset,
         data_collator=collator, processing_class=processor,
         callbacks=callbacks,
     )
