@@ -97,6 +97,9 @@ def test_packed_batch_trains_exactly_as_padded_batch(parts, attention):
     assert_same_training_signal(model, packed, padded)
 
 
+calls: list = []  # the boundaries each `varlen_reference` call got
+
+
 def varlen_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
                      **kwargs):
     """What flash attention's varlen kernel computes: the (B, T) rows flattened, causal attention inside each
@@ -113,9 +116,6 @@ def varlen_reference(module, query, key, value, attention_mask, scaling=None, dr
     return out.view(batch, length, heads, dim), None
 
 
-calls: list = []
-
-
 def test_flash_style_varlen_gets_every_sample_and_padding_as_its_own_sequence(parts):
     """flash_attention_2 cannot run on CPU: a pure-torch varlen kernel stands in, registered under a name that
     transformers treats as flash attention, to check the boundaries the model hands it."""
@@ -124,12 +124,13 @@ def test_flash_style_varlen_gets_every_sample_and_padding_as_its_own_sequence(pa
     packed, padded = packed_and_padded(parts, processor)
     model.model.language_model.config._attn_implementation = "flash_varlen_reference"
     calls.clear()
-    packed_loss, packed_grads = loss_and_grads(model, packed, torch.tensor(1))
+    num_items = padded["labels"][:, 1:].ne(-100).sum()
+    packed_loss, packed_grads = loss_and_grads(model, packed, num_items)
     assert calls
     positions = packed["position_ids"][:, :-1].reshape(-1)  # forward drops the last position
     assert calls[0] == [*positions.eq(0).nonzero().view(-1).tolist(), positions.numel()]
     model.model.language_model.config._attn_implementation = "sdpa"
-    padded_loss, padded_grads = loss_and_grads(model, padded, torch.tensor(1))
+    padded_loss, padded_grads = loss_and_grads(model, padded, num_items)
     torch.testing.assert_close(packed_loss, padded_loss, rtol=0, atol=1e-5)
     assert max((packed_grads[n] - padded_grads[n]).abs().max().item() for n in padded_grads) <= 1e-5
 
