@@ -275,7 +275,8 @@ class LlavaTrainingArguments(TrainingArguments):
                           "--model_max_length tokens, planned once from the token counts. Each sample keeps its own "
                           "positions and attends only to itself, so losses and gradients equal unpacked training's; "
                           "far less compute goes to padding. --per_device_train_batch_size then counts rows. Works "
-                          "with eager, sdpa and flash_attention_2 (see README, 'Packing')."},
+                          "with eager, sdpa and flash_attention_2; an LM whose attention ignores the per-sample "
+                          "positions (OPT) is refused before training (see README, 'Packing')."},
     )
     max_tokens_per_batch: int | None = field(
         default=None,
