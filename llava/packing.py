@@ -92,7 +92,9 @@ class PlannedDataset(torch.utils.data.Dataset):
     """Item i: the list of `dataset`'s items in `groups[i]` (a packed row, or a whole batch).
 
     `lengths` are the tokens each item's tensor holds (a row's total, a batch's rows x longest), so
-    `--train_sampling_strategy group_by_length` groups items by them without fetching any.
+    `--train_sampling_strategy group_by_length` groups items by them without fetching any. A sample that
+    `LlavaDataset` replaces by the next one at load time (`--skip_invalid_samples`, an image broken since the checks)
+    can make its row or batch longer than planned.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, groups: list[list[int]], lengths: list[int]):
@@ -169,7 +171,8 @@ def check_exact_packing(model: torch.nn.Module) -> None:
     transformers 5.x, possibly remote code) lets each sample attend to those before it in its row, silently. Two
     forward passes of 20 tokens decide: a 4-token sample packed after one 16-token sample must come out as it does
     after another (kept apart, nothing of the first reaches it; leaking, its logits change at every layer).
-    Skipped (with a warning) when weights are already sharded over processes (ZeRO-3): a lone pass would hang.
+    Skipped (with a warning) when weights are already partitioned over processes (ZeRO-3 loading): no pass can run
+    before DeepSpeed takes the model over.
     """
     decoder = type(components(model)["language_model"]).__name__
     if parameters_sharded(model):
