@@ -269,6 +269,21 @@ class LlavaTrainingArguments(TrainingArguments):
     vision_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the vision tower when it trains (default: --learning_rate)."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack whole samples (never split; image tokens counted) into rows of at most "
+                          "--model_max_length tokens, planned once from the token counts. Each sample keeps its own "
+                          "positions and attends only to itself, so losses and gradients equal unpacked training's; "
+                          "far less compute goes to padding. --per_device_train_batch_size then counts rows. Works "
+                          "with eager, sdpa and flash_attention_2; an LM whose attention ignores the per-sample "
+                          "positions (OPT) is refused before training (see README, 'Packing')."},
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={"help": "Batches by tokens instead of a fixed size: as many samples (rows, with --packing) as fit "
+                          "in this many tokens, padding included (rows x longest row), so memory per step is bounded. "
+                          "Needs --per_device_train_batch_size 1 (each planned batch is one DataLoader item)."},
+    )
     lora_enable: bool = field(
         default=False,
         metadata={"help": "Train LoRA adapters instead of full weights. The frozen/unfrozen flags still say which "
@@ -330,6 +345,7 @@ class LlavaTrainingArguments(TrainingArguments):
                                  "data, zero trains nothing (freeze the component instead).")
         if self.lora_enable:
             self._check_lora()
+        self._check_planned_batches()
 
     def _set_multi_process_defaults(self) -> None:
         """Defaults for runs under torchrun / accelerate launch, where transformers' own would fail or mislead.
@@ -354,6 +370,21 @@ class LlavaTrainingArguments(TrainingArguments):
                 self.use_cpu = True
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = not self.freeze_vision_model
+
+    def _check_planned_batches(self) -> None:
+        """--max_tokens_per_batch plans whole batches (one DataLoader item each); the Trainer's length-balancing
+        sampler cannot read planned rows or batches."""
+        if self.max_tokens_per_batch is not None:
+            if self.max_tokens_per_batch <= 0:
+                raise ValueError(f"--max_tokens_per_batch must be positive, got {self.max_tokens_per_batch}.")
+            if self.per_device_train_batch_size != 1:
+                raise ValueError(
+                    f"--max_tokens_per_batch {self.max_tokens_per_batch} sets each batch's size by tokens, so "
+                    f"--per_device_train_batch_size {self.per_device_train_batch_size} cannot also apply: pass "
+                    "--per_device_train_batch_size 1 (each step then takes one token-bounded batch).")
+        if (self.packing or self.max_tokens_per_batch) and self.train_sampling_strategy == "batch_rebalance":
+            raise ValueError("--train_sampling_strategy batch_rebalance cannot read planned rows or batches "
+                             "(--packing, --max_tokens_per_batch): use group_by_length or random.")
 
     @property
     def lora_targets(self) -> list[str]:

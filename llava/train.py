@@ -15,12 +15,12 @@ from transformers import ProcessorMixin, TrainerCallback, set_seed
 
 from llava.arguments import DataArguments, LlavaTrainingArguments, ModelArguments, parse_args
 from llava.callbacks import SampleAnswersCallback
-from llava.collator import LlavaDataCollator
 from llava.data import load_samples
 from llava.dataset import build_dataset
 from llava.final_output import finish_interrupted_publish
 from llava.lora import load_lora_model, save_lora_output
 from llava.model import load_model, set_trainable
+from llava.packing import check_exact_packing, planned_batches
 from llava.processor import load_processor
 from llava.preemption import PREEMPTED_EXIT_CODE
 from llava.recompute import recompute_mlp_activations
@@ -95,15 +95,21 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: L
                                       max_image_pixels=data_args.max_image_pixels,
                                       cache_dir=data_args.tokenized_cache_dir)
     logger.info("%d training samples from %s", len(train_dataset), ", ".join(data_args.data_paths))
+    train_dataset, collator = planned_batches(
+        train_dataset, processor.tokenizer.pad_token_id, data_args.model_max_length, training_args.packing,
+        training_args.max_tokens_per_batch, training_args.seed)
     callbacks = list(callbacks or [])
     if data_args.sample_data_path:
         samples = load_samples([data_args.sample_data_path])[: data_args.num_logged_samples]
         callbacks.append(SampleAnswersCallback(samples, data_args.sample_image_folder or data_args.image_folder,
                                                processor, max_image_pixels=data_args.max_image_pixels))
 
+    model = build_model(model_args, training_args, processor)
+    if training_args.packing:
+        check_exact_packing(model)
     trainer = LlavaTrainer(
-        model=build_model(model_args, training_args, processor), args=training_args, train_dataset=train_dataset,
-        data_collator=LlavaDataCollator(pad_token_id=processor.tokenizer.pad_token_id), processing_class=processor,
+        model=model, args=training_args, train_dataset=train_dataset,
+        data_collator=collator, processing_class=processor,
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
