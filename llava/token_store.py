@@ -30,10 +30,11 @@ import numpy as np
 
 from llava.data import Sample
 from llava.errors import DataError
+from llava.sources import files_of
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when what is stored, or how samples are tokenized, changes
+CACHE_FORMAT = 2  # bump when what is stored, or how samples are tokenized, changes
 _COMPLETE = "complete.json"
 _ARRAYS = ("input_ids", "trained", "offsets", "lengths")
 
@@ -108,8 +109,9 @@ def cache_key(data_paths: list[str], fingerprint: dict) -> str:
     """A name for the cache of `data_paths` as tokenized under `fingerprint` (tokenizer, template, limits)."""
     files = []
     for path in data_paths:
-        stat = os.stat(path)
-        files.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+        for name in files_of(path):  # a `save_to_disk` folder is its files
+            stat = os.stat(name)
+            files.append([os.path.abspath(name), stat.st_size, stat.st_mtime_ns])
     text = json.dumps({"format": CACHE_FORMAT, "files": files, **fingerprint}, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
@@ -117,15 +119,15 @@ def cache_key(data_paths: list[str], fingerprint: dict) -> str:
 def save_prepared(data: PreparedData, folder: str) -> None:
     data.store.save(folder)
     with open(os.path.join(folder, "samples.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps([s.id, s.location, s.images]) + "\n" for s in data.samples)
+        f.writelines(json.dumps([s.id, s.location, s.images, s.source]) + "\n" for s in data.samples)
     with open(os.path.join(folder, "problems.json"), "w", encoding="utf-8") as f:
         json.dump({name: [[str(e), e.kind] for e in getattr(data, name)] for name in ("problems", "warnings")}, f)
 
 
 def load_prepared(folder: str) -> PreparedData:
     with open(os.path.join(folder, "samples.jsonl"), encoding="utf-8") as f:
-        samples = [Sample(id=i, location=location, messages=[], images=images)
-                   for i, location, images in map(json.loads, f)]
+        samples = [Sample(id=i, location=location, messages=[], images=images, source=source)
+                   for i, location, images, source in map(json.loads, f)]
     with open(os.path.join(folder, "problems.json"), encoding="utf-8") as f:
         errors = {name: [DataError(message, kind) for message, kind in listed] for name, listed in json.load(f).items()}
     store = TokenStore.load(folder)
