@@ -201,9 +201,10 @@ class DataArguments:
     data_cache_dir: str = field(
         default="auto",
         metadata={"help": "Where the checked, tokenized samples are cached, keyed by the data files (path, size, "
-                          "modification time), tokenizer, chat template and limits, so later runs and the other "
-                          "processes of a node read them instead of redoing it: 'auto' is $TRAIN_LLAVA_CACHE/tokenized "
-                          "(default ~/.cache/train_llava/tokenized), 'none' turns the cache off."},
+                          "modification time), image folders, tokenizer, chat template and limits (not by mixture "
+                          "amounts), so later runs and the other processes of a node read them instead of redoing "
+                          "it: 'auto' is $TRAIN_LLAVA_CACHE/tokenized (default ~/.cache/train_llava/tokenized), "
+                          "'none' turns the cache off."},
     )
     sample_data_path: str | None = field(
         default=None,

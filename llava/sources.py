@@ -38,7 +38,11 @@ def files_of(path: str) -> list[str]:
 
 def open_table(path: str):
     """The `datasets.Dataset` at `path`, memory-mapped, in the "arrow" format (rows as Arrow, nothing decoded)."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--data_path {path}: reading parquet and arrow data needs the `datasets` package: "
+                        "pip install 'train_llava[tables]'.", kind="malformed_table") from None
 
     try:
         if os.path.isdir(path):
@@ -70,9 +74,9 @@ def read_table_records(path: str) -> Iterator[tuple[str, dict | DataError]]:
             for record, value in zip(records, _image_references(batch.column(name), start)):
                 record[name] = value
         for row, record in enumerate(records, start=start):
-            missing = _missing_image(record)
-            yield f"{path}[{row}]", record if missing is None else DataError(
-                f"{path}[{row}] (id {str(record.get('id', row))!r}): image {missing} has neither bytes nor a "
+            location, missing = f"{path}[{row}]", _missing_image(record)
+            yield location, record if missing is None else DataError(
+                f"{location} (id {str(record.get('id', location))!r}): image {missing} has neither bytes nor a "
                 "path; fill it in or drop the row.", kind="malformed_sample")
         start += batch.num_rows
 

@@ -5,9 +5,10 @@ built) and trained flags in two flat arrays with an offset per sample, ~1.5 KB f
 instead of ~62 KB as expanded Python lists. On disk it is three `.npy` files read back memory-mapped, beside the
 samples' ids, locations and image paths (JSON lines) and the problems of the invalid ones.
 
-A cache folder is keyed by everything the tokens depend on: the data files (path, size, modification time), the
-tokenizer and chat template, the image-token count, `--model_max_length`, the image folder and this format's
-version. It is built in a temporary folder, completed with a marker and renamed into place, so a run killed while
+A cache folder is keyed by everything the tokens depend on: the data files (path, size, modification time; a
+`save_to_disk` folder's files), the tokenizer and chat template, the image-token count, `--model_max_length`, each
+source's image folder and this format's version. Not by a mixture's amounts: the selection is made from the cached
+samples (`llava.mixture`), so every amount reuses one cache. It is built in a temporary folder, completed with a marker and renamed into place, so a run killed while
 building leaves nothing that a later run would take for a cache; processes of one node wait on a lock while the
 first one builds.
 """

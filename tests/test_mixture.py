@@ -20,7 +20,7 @@ from llava.errors import DataError
 from llava.mixture import RECORD_NAME, Mixture, Source, apply_mixture, parse_amount, read_mixture, select
 from llava.processor import build_processor
 from llava.train import main
-from llava import validate_data
+from llava import inspect_data, validate_data
 from tests.tiny_parts import conversation_records, save_images, write_dataset
 
 PARTS = ["--vision_model_name_or_path", "V", "--language_model_name_or_path", "L", "--output_dir", "out"]
@@ -270,7 +270,7 @@ def test_recorded_mixture_and_resume_refusal_or_continuation(parts, llava_checkp
     assert "amount 0.5 then, 50% now" in caplog.text
 
 
-def test_validate_data_takes_mixtures_and_prints_the_table(parts, llava_checkpoint, tmp_path, capsys):
+def test_validate_and_inspect_data_take_mixtures(parts, llava_checkpoint, tmp_path, capsys):
     mix, _ = two_sources_same_image_names(tmp_path)
     assert validate_data.main(["--model_name_or_path", llava_checkpoint, "--data_path", mix]) == 0
     out = capsys.readouterr().out
@@ -279,6 +279,8 @@ def test_validate_data_takes_mixtures_and_prints_the_table(parts, llava_checkpoi
                                                                                         "amount: 3}"))
     assert validate_data.main(["--model_name_or_path", llava_checkpoint, "--data_path", mix]) == 0
     assert "taken" in capsys.readouterr().out
+    inspect_data.main(["--model_name_or_path", llava_checkpoint, "--data_path", mix, "--num_samples", "5", "--json"])
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == ["single", "single"]
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -364,3 +366,17 @@ def test_bad_embedded_images_are_named_by_file_row_and_id(processor, tmp_path, d
     assert f"[corrupt_image] {path}[1] (id 'corrupt'): unreadable or corrupt image {path}[1] image 0 (embedded)" in report
     assert f"[malformed_sample] {path}[2] (id 'empty'): image 0 has neither bytes nor a path" in report
     assert "2 of 3 samples invalid" in report
+
+
+def test_unreadable_tables_and_split_folders_are_refused(processor, tmp_path, datasets_cache):
+    import datasets
+
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=rf"--data_path {garbage}: cannot read it as a table"):
+        build_dataset([str(garbage)], processor, 512, None)
+    splits = datasets.DatasetDict({name: datasets.Dataset.from_dict({"id": ["a"]}) for name in ("train", "test")})
+    splits.save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(DataError, match=r"splits holds several splits \(train, test\); name one split's folder, "
+                                        r"e.g. .*splits/train"):
+        build_dataset([str(tmp_path / "splits")], processor, 512, None)
