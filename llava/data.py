@@ -227,11 +227,12 @@ class ImageReader:
 
     def __init__(self, path: str, image_folder: str | None, allow_absolute: bool = False):
         self.path, self.image_folder, self.allow_absolute = path, image_folder, allow_absolute
+        self.is_table = is_table(path)
         self._table = None
 
     def file(self, reference: str, sample: Sample) -> str | EmbeddedImage:
         """The image file (or bytes) that `reference`, one of `sample.images`, names."""
-        if is_table(self.path) and is_embedded(reference):
+        if self.is_table and is_embedded(reference):
             if self._table is None:
                 self._table = open_table(self.path)
             return embedded_image(self._table, self.path, reference)

@@ -47,6 +47,7 @@ SOURCE_KEYS = ("path", "amount", "image_folder")
 _COUNT = re.compile(r"\d+")
 _FRACTION = re.compile(r"\d+\.\d*|\.\d+")
 _PERCENT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)%")
+_POSITION = re.compile(r"(\[\d+\]|:\d+)$")  # how a sample's location ends: "[index]" or ":line"
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ class Selection:
     available: list[int]  # valid samples per source
     taken: list[int]
     seed: int
-    digest: str  # sha256 of the selected samples' locations and ids, in order
+    digest: str  # sha256 of the selected samples' locations (absolute paths) and ids, in order
 
 
 def select(mixture: Mixture, samples: list, seed: int) -> Selection:
@@ -218,9 +219,14 @@ def select(mixture: Mixture, samples: list, seed: int) -> Selection:
         chosen.append(np.concatenate([np.tile(rows, copies), rows[np.sort(draw)]]))
         taken.append(count)
     indices = np.concatenate(chosen)
+    # Hashed: the file's absolute path and the sample's position in it (a location names the file as it was given,
+    # maybe when the cache was built), so that the same files named from elsewhere select the same samples.
+    paths = [os.path.abspath(source.path) for source in mixture.sources]
     digest = hashlib.sha256()
     for index in indices:
-        digest.update(f"{samples[index].location}\t{samples[index].id}\n".encode("utf-8"))
+        sample = samples[index]
+        position = _POSITION.search(sample.location).group()
+        digest.update(f"{paths[sample.source]}{position}\t{sample.id}\n".encode("utf-8"))
     return Selection(indices, [len(rows) for rows in by_source], taken, seed, digest.hexdigest())
 
 

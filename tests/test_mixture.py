@@ -216,15 +216,20 @@ def test_the_cache_serves_every_amount_and_is_keyed_by_image_folders(processor, 
     assert len(calls) == 2
 
 
-def test_the_selected_order_is_identical_across_builds(processor, tmp_path):
+def test_the_selected_order_is_identical_across_builds(processor, tmp_path, monkeypatch):
+    """The same files, amounts and seed select the same samples in the same order, also when the files are named
+    from another working directory."""
     data, images = write_dataset(str(tmp_path))
     jsonl, _ = write_dataset(str(tmp_path), name="more.jsonl")
-    mixture = read_mixture(f"{data}:0.5,{jsonl}:9", images)
-    builds = [apply_mixture(mixture, build_dataset(mixture.paths, processor, 512, mixture.image_folders,
-                                                   cache_dir=str(tmp_path / "cache")), seed=3) for _ in range(2)]
+    builds = []
+    for spec, folder in ((f"{data}:0.5,{jsonl}:9", images), ("data.json:0.5,more.jsonl:9", "images")):
+        mixture = read_mixture(spec, folder)
+        builds.append(apply_mixture(mixture, build_dataset(mixture.paths, processor, 512, mixture.image_folders,
+                                                           cache_dir=str(tmp_path / "cache")), seed=3))
+        monkeypatch.chdir(tmp_path)
     (first, first_record), (second, second_record) = builds
     assert first_record == second_record and len(first) == 3 + 9
-    assert [s.location for s in first.samples] == [s.location for s in second.samples]
+    assert [s.id for s in first.samples] == [s.id for s in second.samples]
     assert first.lengths == second.lengths
     for i in range(len(first)):
         assert torch.equal(first[i]["input_ids"], second[i]["input_ids"])
