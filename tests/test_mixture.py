@@ -96,12 +96,16 @@ BAD_MIXTURE_FILES = {
     "no sources": ("mix.yaml", "source:\n  - path: a.json\n", r"mapping with a non-empty 'sources' list"),
     "unknown top-level key": ("mix.yaml", "sources: [{path: a.json}]\nseed: 3\n", r"unknown keys \['seed'\]"),
     "unknown entry key": ("mix.yaml", "sources:\n  - {path: a.json, weight: 0.5}\n",
-                          r"sources\[0\] \(a.json\): unknown keys \['weight'\]; a source has path, amount, image_folder"),
-    "entry without a path": ("mix.yaml", "sources:\n  - amount: 0.5\n", r"sources\[0\]: each source is a mapping with a 'path'"),
-    "missing data file": ("mix.yaml", "sources:\n  - {path: gone.json}\n", r"sources\[0\] \(gone.json\): data file .*gone.json not found"),
+                          r"sources\[0\] \(a.json\): unknown keys \['weight'\]; a source has path, amount, "
+                          r"image_folder"),
+    "entry without a path": ("mix.yaml", "sources:\n  - amount: 0.5\n",
+                             r"sources\[0\]: each source is a mapping with a 'path'"),
+    "missing data file": ("mix.yaml", "sources:\n  - {path: gone.json}\n",
+                          r"sources\[0\] \(gone.json\): data file .*gone.json not found"),
     "missing image folder": ("mix.yaml", "sources:\n  - {path: a.json, image_folder: nowhere}\n",
                              r"sources\[0\] \(a.json\): image_folder 'nowhere' is not a folder"),
-    "bad amount": ("mix.yaml", "sources:\n  - {path: a.json, amount: lots}\n", r"sources\[0\] \(a.json\): amount 'lots' does not parse"),
+    "bad amount": ("mix.yaml", "sources:\n  - {path: a.json, amount: lots}\n",
+                   r"sources\[0\] \(a.json\): amount 'lots' does not parse"),
     "boolean amount": ("mix.yaml", "sources:\n  - {path: a.json, amount: yes}\n", r"amount True is not a number"),
 }
 
@@ -296,13 +300,14 @@ def png_bytes(colour):
     return buffer.getvalue()
 
 
-def table_rows(image_folder):
+def table_rows():
     """The same two conversations in the `messages` form with embedded images, and in the LLaVA form with paths."""
     red, blue = png_bytes((255, 0, 0)), png_bytes((0, 128, 255))
     messages = {
         "id": ["single", "two_images"],
         "messages": [
-            [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "What colour is it?"}]},
+            [{"role": "user", "content": [{"type": "image", "text": None},
+                                          {"type": "text", "text": "What colour is it?"}]},
              {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}],
             [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "image", "text": None},
                                           {"type": "text", "text": "Are these the same colour?"}]},
@@ -318,10 +323,10 @@ def table_rows(image_folder):
 def write_tables(tmp_path, kind):
     import datasets
 
-    messages, llava_form = table_rows(None)
-    features = datasets.Features({"id": datasets.Value("string"), "messages": [{"role": datasets.Value("string"), "content": [
-        {"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
-        "images": datasets.Sequence(datasets.Image())})
+    messages, llava_form = table_rows()
+    text = datasets.Value("string")
+    features = datasets.Features({"id": text, "messages": [{"role": text, "content": [{"type": text, "text": text}]}],
+                                  "images": datasets.Sequence(datasets.Image())})
     paths = []
     for name, table in (("messages", datasets.Dataset.from_dict(messages, features=features)),
                         ("llava", datasets.Dataset.from_dict(llava_form))):
@@ -347,7 +352,8 @@ def test_tables_in_both_record_forms_read_like_json(parts, processor, tmp_path, 
     for path, embedded in ((messages_table, True), (llava_table, False)):
         dataset = build_dataset([path], processor, 512, images)
         assert [s.location for s in dataset.samples] == [f"{path}[0]", f"{path}[1]"]
-        assert dataset.samples[1].images == (["embedded:1:0", "embedded:1:1"] if embedded else ["img0.png", "img1.png"])
+        expected = ["embedded:1:0", "embedded:1:1"] if embedded else ["img0.png", "img1.png"]
+        assert dataset.samples[1].images == expected
         for (ids, pixels), (expected_ids, expected_pixels) in zip(items(dataset), reference):
             assert ids == expected_ids
             torch.testing.assert_close(pixels, expected_pixels)
@@ -358,7 +364,8 @@ def test_bad_embedded_images_are_named_by_file_row_and_id(processor, tmp_path, d
 
     path = str(tmp_path / "bad.parquet")
     rows = {"id": ["fine", "corrupt", "empty"],
-            "messages": [[{"role": "user", "content": "<image>\nColour?"}, {"role": "assistant", "content": "Red."}]] * 3,
+            "messages": [[{"role": "user", "content": "<image>\nColour?"},
+                          {"role": "assistant", "content": "Red."}]] * 3,
             "images": [[{"bytes": png_bytes((255, 0, 0)), "path": None}], [{"bytes": b"not a png", "path": None}],
                        [{"bytes": None, "path": None}]]}
     features = datasets.Features({"id": datasets.Value("string"),
@@ -368,7 +375,8 @@ def test_bad_embedded_images_are_named_by_file_row_and_id(processor, tmp_path, d
     with pytest.raises(DataError) as error:
         build_dataset([path], processor, 512, None)
     report = str(error.value)
-    assert f"[corrupt_image] {path}[1] (id 'corrupt'): unreadable or corrupt image {path}[1] image 0 (embedded)" in report
+    assert (f"[corrupt_image] {path}[1] (id 'corrupt'): unreadable or corrupt image {path}[1] image 0 "
+            "(embedded)") in report
     assert f"[malformed_sample] {path}[2] (id 'empty'): image 0 has neither bytes nor a path" in report
     assert "2 of 3 samples invalid" in report
 
