@@ -23,6 +23,7 @@ from transformers.trainer_pt_utils import AcceleratorConfig
 from llava.distributed import start_deepspeed_on_cpu
 
 from llava.cache import cache_root
+from llava.mixture import read_mixture
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +163,20 @@ def _check_chat_template_path(value: str | None) -> None:
 
 @dataclass
 class DataArguments:
-    """Training data in LLaVA JSON/JSONL (see README, 'Data format')."""
+    """Training data in LLaVA JSON/JSONL, parquet or arrow, possibly a mixture (see README, 'Data format' and
+    'Data mixtures')."""
 
     data_path: str = field(
         default=None,
-        metadata={"help": "LLaVA .json or .jsonl file(s); several comma-separated files are mixed into one set."},
+        metadata={"help": "LLaVA .json/.jsonl file(s), .parquet/.arrow files or datasets.save_to_disk folders; "
+                          "several comma-separated ones are mixed into one set, each optionally with an amount "
+                          "(a.json:0.7,b.jsonl:2000: a fraction with a decimal point or %%, or a sample count), or "
+                          "a mixture file (.yaml, or .json holding a mapping) with per-source amounts and image "
+                          "folders."},
     )
     image_folder: str | None = field(
-        default=None, metadata={"help": "Folder that the samples' relative `image` paths are resolved against."}
+        default=None, metadata={"help": "Folder that the samples' relative `image` paths are resolved against "
+                                        "(a mixture file's sources may name their own)."}
     )
     model_max_length: int = field(
         default=2048,
@@ -194,9 +201,10 @@ class DataArguments:
     data_cache_dir: str = field(
         default="auto",
         metadata={"help": "Where the checked, tokenized samples are cached, keyed by the data files (path, size, "
-                          "modification time), tokenizer, chat template and limits, so later runs and the other "
-                          "processes of a node read them instead of redoing it: 'auto' is $TRAIN_LLAVA_CACHE/tokenized "
-                          "(default ~/.cache/train_llava/tokenized), 'none' turns the cache off."},
+                          "modification time), image folders, tokenizer, chat template and limits (not by mixture "
+                          "amounts), so later runs and the other processes of a node read them instead of redoing "
+                          "it: 'auto' is $TRAIN_LLAVA_CACHE/tokenized (default ~/.cache/train_llava/tokenized), "
+                          "'none' turns the cache off."},
     )
     sample_data_path: str | None = field(
         default=None,
@@ -211,6 +219,7 @@ class DataArguments:
     def __post_init__(self) -> None:
         if not self.data_path:
             raise ValueError("--data_path is required: one or more LLaVA .json/.jsonl files, comma-separated.")
+        self.mixture = read_mixture(self.data_path, self.image_folder)
         if self.model_max_length <= 0:
             raise ValueError(f"--model_max_length must be positive, got {self.model_max_length}.")
         if self.max_image_pixels is not None and self.max_image_pixels <= 0:
@@ -218,7 +227,7 @@ class DataArguments:
 
     @property
     def data_paths(self) -> list[str]:
-        return [p.strip() for p in self.data_path.split(",") if p.strip()]
+        return self.mixture.paths
 
     @property
     def tokenized_cache_dir(self) -> str | None:

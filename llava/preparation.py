@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 
 from llava.conversation import ConversationEncoder
-from llava.data import Sample, check_image, iter_samples, resolve_image_path
+from llava.data import ImageReader, Sample, check_image, image_readers, iter_samples
 from llava.errors import DataError
 from llava.token_store import PreparedData, TokenStore
 
@@ -30,11 +30,10 @@ class SampleChecker:
     """Tokenizes one sample and checks its turns and images; returns (encoded, None, warnings) or
     (None, DataError, [])."""
 
-    def __init__(self, encoder: ConversationEncoder, image_folder: str | None, allow_absolute_image_paths: bool):
+    def __init__(self, encoder: ConversationEncoder, images: list[ImageReader]):
         self.encoder = encoder
-        self.image_folder = image_folder
-        self.allow_absolute_image_paths = allow_absolute_image_paths
-        self._checked_images: set[str] = set()  # many questions share an image: check each path once
+        self.images = images  # one per data file: `sample.source` picks it
+        self._checked_images: set[tuple[int, str]] = set()  # many questions share an image: check each once
 
     def __call__(self, sample: Sample | DataError):
         if isinstance(sample, DataError):
@@ -43,11 +42,10 @@ class SampleChecker:
             _check_turn_order(sample)
             warnings = self._image_in_answer(sample)
             encoded = self.encoder.encode_compact(sample, warnings)
-            for relative in sample.images:
-                if relative not in self._checked_images:
-                    path = resolve_image_path(self.image_folder, relative, sample, self.allow_absolute_image_paths)
-                    check_image(path, sample)
-                    self._checked_images.add(relative)
+            for reference in sample.images:
+                if (sample.source, reference) not in self._checked_images:
+                    check_image(self.images[sample.source].file(reference, sample), sample)
+                    self._checked_images.add((sample.source, reference))
             return encoded, None, warnings
         except DataError as error:
             return None, error, []
@@ -90,14 +88,17 @@ def _check_in_worker(sample):
     return _worker_checker(sample)
 
 
-def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length: int, image_folder: str | None,
-                    allow_absolute_image_paths: bool = False, num_workers: int | None = None) -> PreparedData:
-    """Read, tokenize and check every sample of every file, in parallel for large sets.
+def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length: int,
+                    image_folder: str | None | list[str | None], allow_absolute_image_paths: bool = False,
+                    num_workers: int | None = None) -> PreparedData:
+    """Read, tokenize and check every sample of every file, in parallel for large sets; `image_folder` is every
+    file's image folder, or a list of one per file (a mixture's sources).
 
     Samples go through in chunks, each reduced to its tokens (one flat array per chunk) and what locates it, so the
     texts of only two chunks (beside a .json file's text) are held at a time: a 665k-sample mix fits in a few GB.
     The next chunk is read while the workers check the current one."""
-    checker = SampleChecker(ConversationEncoder(processor, max_length), image_folder, allow_absolute_image_paths)
+    checker = SampleChecker(ConversationEncoder(processor, max_length),
+                            image_readers(data_paths, image_folder, allow_absolute_image_paths))
     total_bytes = sum(os.path.getsize(path) for path in data_paths if os.path.isfile(path))
     read = _Counter()  # bytes of the files read so far: the progress bar's position, for its rate and ETA
     chunks = _chunks(iter_samples(data_paths, read), _CHUNK)
@@ -118,7 +119,8 @@ def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length
                 if problem is not None:
                     problems.append(problem)
                 else:  # training needs no texts any more: only what locates the sample and its images
-                    samples.append(Sample(id=item.id, location=item.location, messages=[], images=item.images))
+                    samples.append(Sample(id=item.id, location=item.location, messages=[], images=item.images,
+                                          source=item.source))
                     encoded.append(tokens)
             parts.append(TokenStore.from_samples(
                 encoded, [checker.encoder.expanded_length(tokens["input_ids"]) for tokens in encoded]))
