@@ -23,6 +23,7 @@ from transformers.trainer_pt_utils import AcceleratorConfig
 from llava.distributed import start_deepspeed_on_cpu
 
 from llava.cache import cache_root
+from llava.mixture import read_mixture
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +163,20 @@ def _check_chat_template_path(value: str | None) -> None:
 
 @dataclass
 class DataArguments:
-    """Training data in LLaVA JSON/JSONL (see README, 'Data format')."""
+    """Training data in LLaVA JSON/JSONL, parquet or arrow, possibly a mixture (see README, 'Data format' and
+    'Data mixtures')."""
 
     data_path: str = field(
         default=None,
-        metadata={"help": "LLaVA .json or .jsonl file(s); several comma-separated files are mixed into one set."},
+        metadata={"help": "LLaVA .json/.jsonl file(s), .parquet/.arrow files or datasets.save_to_disk folders; "
+                          "several comma-separated ones are mixed into one set, each optionally with an amount "
+                          "(a.json:0.7,b.jsonl:2000: a fraction with a decimal point or %%, or a sample count), or "
+                          "a mixture file (.yaml, or .json holding a mapping) with per-source amounts and image "
+                          "folders."},
     )
     image_folder: str | None = field(
-        default=None, metadata={"help": "Folder that the samples' relative `image` paths are resolved against."}
+        default=None, metadata={"help": "Folder that the samples' relative `image` paths are resolved against "
+                                        "(a mixture file's sources may name their own)."}
     )
     model_max_length: int = field(
         default=2048,
@@ -194,9 +201,10 @@ class DataArguments:
     data_cache_dir: str = field(
         default="auto",
         metadata={"help": "Where the checked, tokenized samples are cached, keyed by the data files (path, size, "
-                          "modification time), tokenizer, chat template and limits, so later runs and the other "
-                          "processes of a node read them instead of redoing it: 'auto' is $TRAIN_LLAVA_CACHE/tokenized "
-                          "(default ~/.cache/train_llava/tokenized), 'none' turns the cache off."},
+                          "modification time), image folders, tokenizer, chat template and limits (not by mixture "
+                          "amounts), so later runs and the other processes of a node read them instead of redoing "
+                          "it: 'auto' is $TRAIN_LLAVA_CACHE/tokenized (default ~/.cache/train_llava/tokenized), "
+                          "'none' turns the cache off."},
     )
     sample_data_path: str | None = field(
         default=None,
@@ -211,6 +219,7 @@ class DataArguments:
     def __post_init__(self) -> None:
         if not self.data_path:
             raise ValueError("--data_path is required: one or more LLaVA .json/.jsonl files, comma-separated.")
+        self.mixture = read_mixture(self.data_path, self.image_folder)
         if self.model_max_length <= 0:
             raise ValueError(f"--model_max_length must be positive, got {self.model_max_length}.")
         if self.max_image_pixels is not None and self.max_image_pixels <= 0:
@@ -218,7 +227,7 @@ class DataArguments:
 
     @property
     def data_paths(self) -> list[str]:
-        return [p.strip() for p in self.data_path.split(",") if p.strip()]
+        return self.mixture.paths
 
     @property
     def tokenized_cache_dir(self) -> str | None:
@@ -269,6 +278,21 @@ class LlavaTrainingArguments(TrainingArguments):
     vision_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the vision tower when it trains (default: --learning_rate)."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack whole samples (never split; image tokens counted) into rows of at most "
+                          "--model_max_length tokens, planned once from the token counts. Each sample keeps its own "
+                          "positions and attends only to itself, so losses and gradients equal unpacked training's; "
+                          "far less compute goes to padding. --per_device_train_batch_size then counts rows. Works "
+                          "with eager, sdpa and flash_attention_2; an LM whose attention ignores the per-sample "
+                          "positions (OPT) is refused before training (see README, 'Packing')."},
+    )
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={"help": "Batches by tokens instead of a fixed size: as many samples (rows, with --packing) as fit "
+                          "in this many tokens, padding included (rows x longest row), so memory per step is bounded. "
+                          "Needs --per_device_train_batch_size 1 (each planned batch is one DataLoader item)."},
+    )
     lora_enable: bool = field(
         default=False,
         metadata={"help": "Train LoRA adapters instead of full weights. The frozen/unfrozen flags still say which "
@@ -312,6 +336,12 @@ class LlavaTrainingArguments(TrainingArguments):
         if self.deepspeed and self.use_cpu:
             raise ValueError("--deepspeed with --use_cpu True: accelerate would skip DeepSpeed and run plain DDP. "
                              "Drop --use_cpu: without a GPU DeepSpeed runs on its CPU accelerator over gloo.")
+        if self.eval_strategy != "no" or self.load_best_model_at_end:
+            raise ValueError(
+                f"--eval_strategy {self.eval_strategy} / --load_best_model_at_end {self.load_best_model_at_end}: "
+                "train_llava.py trains without an evaluation set, so there is nothing to evaluate or pick a best "
+                "checkpoint by. Drop these flags; evaluate saved checkpoints with `python -m llava.evaluate`, and "
+                "watch answers to held-out questions with --sample_data_path.")
         if self.freeze_vision_model and self.freeze_projector and self.freeze_language_model:
             raise ValueError(
                 "Every component is frozen, so nothing would train. Unfreeze at least one of "
@@ -324,6 +354,7 @@ class LlavaTrainingArguments(TrainingArguments):
                                  "data, zero trains nothing (freeze the component instead).")
         if self.lora_enable:
             self._check_lora()
+        self._check_planned_batches()
 
     def _set_multi_process_defaults(self) -> None:
         """Defaults for runs under torchrun / accelerate launch, where transformers' own would fail or mislead.
@@ -348,6 +379,21 @@ class LlavaTrainingArguments(TrainingArguments):
                 self.use_cpu = True
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = not self.freeze_vision_model
+
+    def _check_planned_batches(self) -> None:
+        """--max_tokens_per_batch plans whole batches (one DataLoader item each); the Trainer's length-balancing
+        sampler cannot read planned rows or batches."""
+        if self.max_tokens_per_batch is not None:
+            if self.max_tokens_per_batch <= 0:
+                raise ValueError(f"--max_tokens_per_batch must be positive, got {self.max_tokens_per_batch}.")
+            if self.per_device_train_batch_size != 1:
+                raise ValueError(
+                    f"--max_tokens_per_batch {self.max_tokens_per_batch} sets each batch's size by tokens, so "
+                    f"--per_device_train_batch_size {self.per_device_train_batch_size} cannot also apply: pass "
+                    "--per_device_train_batch_size 1 (each step then takes one token-bounded batch).")
+        if (self.packing or self.max_tokens_per_batch) and self.train_sampling_strategy == "batch_rebalance":
+            raise ValueError("--train_sampling_strategy batch_rebalance cannot read planned rows or batches "
+                             "(--packing, --max_tokens_per_batch): use group_by_length or random.")
 
     @property
     def lora_targets(self) -> list[str]:

@@ -232,6 +232,16 @@ def remove_checkpoint(path: str) -> None:
         fsync_dir(path)
     except FileNotFoundError:
         return
+    # The in-progress marker goes last: a deletion killed half-way must still look like a leftover of ours.
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(path):
+            if entry.name == SAVING_MARKER:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
     shutil.rmtree(path, ignore_errors=True)
 
 

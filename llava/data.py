@@ -13,7 +13,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 from llava.conversation import Message
 from llava.errors import DataError
+from llava.sources import EmbeddedImage, embedded_image, is_embedded, is_table, open_table, read_table_records
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +33,15 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 @dataclass
 class Sample:
     """One conversation: its `messages` (image placeholders left in their text), the image paths in placeholder
-    order, and where it came from (`location`: "file:line" or "file[index]")."""
+    order, and where it came from (`location`: "file:line" or "file[index]"; `source`: the file's position in
+    --data_path, which says where its images are, see `ImageReader`)."""
 
     id: str
     location: str
     messages: list[Message]
     images: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)  # the record's other fields, e.g. "answer_type" for evaluation
+    source: int = 0
 
     def describe(self) -> str:
         return f"{self.location} (id {self.id!r})"
@@ -46,8 +49,9 @@ class Sample:
 
 # --------------------------------------------------------------------------------------------- reading
 
-def read_records(path: str):
-    """Yield (location, record) from a LLaVA .json list or a .jsonl file (one object per line; the suffix in any case).
+def read_records(path: str, advance: Callable[[int], None] = lambda size: None):
+    """Yield (location, record) from a LLaVA .json list or a .jsonl file (one object per line; the suffix in any case),
+    calling `advance(n)` as each n bytes of the file are read (for progress and its ETA).
 
     A malformed JSONL line (bad JSON, bytes that are not UTF-8, nesting too deep to parse) is yielded as
     (location, DataError) so one bad line does not hide the rest; a malformed .json file raises where the error is,
@@ -56,6 +60,7 @@ def read_records(path: str):
     with open(path, "rb") as f:
         if path.lower().endswith(".jsonl"):
             for line_number, line in enumerate(f, start=1):
+                advance(len(line))
                 if line.strip():
                     location = f"{path}:{line_number}"
                     try:
@@ -63,16 +68,22 @@ def read_records(path: str):
                     except DataError as error:
                         yield location, error
             return
-        text = _decode(f.read(), path)
-    for index, record in enumerate(_json_list_items(text, path)):
+        data = f.read()
+    text = _decode(data, path)
+    bytes_per_character, read = len(data) / max(1, len(text)), 0
+    del data
+    for index, (record, end) in enumerate(_json_list_items(text, path)):
+        advance(round(end * bytes_per_character) - read)
+        read = round(end * bytes_per_character)
         yield f"{path}[{index}]", record
+    advance(round(len(text) * bytes_per_character) - read)
 
 
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _json_list_items(text: str, where: str) -> Iterator:
-    """The items of the JSON list in `text`, parsed one at a time.
+def _json_list_items(text: str, where: str) -> Iterator[tuple[object, int]]:
+    """The items of the JSON list in `text`, parsed one at a time, each with the position where it ends.
 
     Why not `json.loads`: parsed records take ~5x their text's size (a 650 MB mix665k file is 3.1 GB as Python
     objects), and only a chunk of them is needed at a time; this holds the text and one chunk's records."""
@@ -93,7 +104,7 @@ def _json_list_items(text: str, where: str) -> Iterator:
             raise _json_error(error, where) from None
         except RecursionError:
             raise _too_deep(where) from None
-        yield record
+        yield record, position
         position = _SPACE.match(text, position).end()
         if text.startswith(",", position):
             position = _SPACE.match(text, position + 1).end()
@@ -217,16 +228,24 @@ def _check_encodable(text: str, where: str) -> None:
                         "JSON); fix or remove it.", kind="invalid_text") from None
 
 
-def iter_samples(data_paths: list[str]):
-    """Yield a `Sample`, or the `DataError` of a malformed record, for every record of every file, in order."""
-    for path in data_paths:
-        if not os.path.isfile(path):
+def iter_samples(data_paths: list[str], advance: Callable[[int], None] = lambda size: None):
+    """Yield a `Sample`, or the `DataError` of a malformed record, for every record of every file (JSON, or a
+    table: see `llava.sources`), in order; `advance(n)` is called as each n bytes of the JSON files are read (a
+    table file counts once it has been read)."""
+    for source, path in enumerate(data_paths):
+        if not (os.path.isfile(path) or os.path.isdir(path)):
             raise DataError(f"--data_path file not found: {path}", kind="missing_data_file")
-        for location, record in read_records(path):
+        table = is_table(path)
+        for location, record in read_table_records(path) if table else read_records(path, advance):
             try:
-                yield to_sample(record, location)
+                sample = to_sample(record, location)
             except DataError as error:
                 yield error
+                continue
+            sample.source = source
+            yield sample
+        if table and os.path.isfile(path):
+            advance(os.path.getsize(path))
 
 
 def load_samples(data_paths: list[str]) -> list[Sample]:
@@ -259,11 +278,39 @@ def resolve_image_path(image_folder: str | None, relative: str, sample: Sample,
     return path
 
 
+class ImageReader:
+    """Where one --data_path source's images are: its image references are paths inside its image folder, or
+    (tables) references to bytes embedded in its rows, read from the table opened on first use."""
+
+    def __init__(self, path: str, image_folder: str | None, allow_absolute: bool = False):
+        self.path, self.image_folder, self.allow_absolute = path, image_folder, allow_absolute
+        self.is_table = is_table(path)
+        self._table = None
+
+    def file(self, reference: str, sample: Sample) -> str | EmbeddedImage:
+        """The image file (or bytes) that `reference`, one of `sample.images`, names."""
+        if self.is_table and is_embedded(reference):
+            if self._table is None:
+                self._table = open_table(self.path)
+            return embedded_image(self._table, self.path, reference)
+        return resolve_image_path(self.image_folder, reference, sample, self.allow_absolute)
+
+    def __getstate__(self) -> dict:  # a spawned DataLoader worker opens the table itself
+        return {**self.__dict__, "_table": None}
+
+
+def image_readers(data_paths: list[str], image_folder: str | None | list[str | None],
+                  allow_absolute: bool = False) -> list[ImageReader]:
+    """One `ImageReader` per file: `image_folder` is every file's image folder, or a list of one per file."""
+    folders = image_folder if isinstance(image_folder, list) else [image_folder] * len(data_paths)
+    return [ImageReader(path, folder, allow_absolute) for path, folder in zip(data_paths, folders)]
+
+
 class NotARegularFile(OSError):
     """An image path that names a FIFO, device, socket or folder: opening it could block forever."""
 
 
-def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
+def load_image(path: str | EmbeddedImage, max_pixels: int | None = None) -> Image.Image:
     """Open an image as RGB, honouring EXIF orientation (phone photos) and converting every PIL mode (see `to_rgb`);
     above `max_pixels` (--max_image_pixels) it is downsized, see `downsize_image`.
 
@@ -277,10 +324,10 @@ def load_image(path: str, max_pixels: int | None = None) -> Image.Image:
 
 
 @contextlib.contextmanager
-def _opened(path: str) -> Iterator[Image.Image]:
-    """The image at `path`, its header read and its pixels not yet decoded; refused when it is not a regular file
-    or too large (see `load_image`)."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
+def _opened(path: str | EmbeddedImage) -> Iterator[Image.Image]:
+    """The image at `path` (or in its bytes), its header read and its pixels not yet decoded; refused when it is
+    not a regular file or too large (see `load_image`)."""
+    if isinstance(path, str) and not stat.S_ISREG(os.stat(path).st_mode):
         raise NotARegularFile(f"{path} is not a regular file (a FIFO, device, socket or folder)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -339,7 +386,7 @@ def downsize_image(image: Image.Image, max_pixels: int | None) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
-def check_image(path: str, sample: Sample) -> None:
+def check_image(path: str | EmbeddedImage, sample: Sample) -> None:
     """Raise a `DataError` naming the sample if the image at `path` is missing, not a regular file, not an image
     or too large.
 

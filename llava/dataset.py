@@ -3,6 +3,7 @@ expanded and images decoded per item, in DataLoader workers."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -12,7 +13,9 @@ import torch
 from transformers import ProcessorMixin
 
 from llava.conversation import expand_image_tokens
-from llava.data import Sample, load_image, resolve_image_path
+import numpy as np
+
+from llava.data import ImageReader, Sample, image_readers, load_image
 from llava.errors import DataError
 from llava.processor import image_token_count
 from llava.token_store import TokenStore, cache_key, cached
@@ -28,18 +31,20 @@ class LlavaDataset(torch.utils.data.Dataset):
     An image that fails to load now although it passed the up-front checks (replaced on disk, say) raises a
     `DataError` naming the sample, or, with `skip_invalid`, is logged and replaced by the next sample, so a
     long run is not killed by one file.
+
+    Item i is `samples[i]` with the tokens of row `rows[i]` of `store`: every row in order, until a mixture's
+    selection (`select`) picks some, sharing the tokens instead of copying them.
     """
 
     def __init__(self, samples: list[Sample], store: TokenStore, processor: ProcessorMixin,
-                 image_folder: str | None, allow_absolute_image_paths: bool = False, skip_invalid: bool = False,
-                 max_image_pixels: int | None = None):
+                 images: list[ImageReader], skip_invalid: bool = False, max_image_pixels: int | None = None):
         self.samples = samples
         self.store = store
+        self.rows = np.arange(len(samples))
         self.image_token_id = processor.image_token_id
         self.tokens_per_image = image_token_count(processor)
         self.image_processor = processor.image_processor
-        self.image_folder = image_folder
-        self.allow_absolute_image_paths = allow_absolute_image_paths
+        self.images = images  # one per data file: `sample.source` picks it
         self.skip_invalid = skip_invalid
         self.max_image_pixels = max_image_pixels
 
@@ -49,7 +54,13 @@ class LlavaDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """Token count of every sample (image tokens included), for length-grouped batching."""
-        return self.store.lengths.tolist()
+        return self.store.lengths[self.rows].tolist()
+
+    def select(self, indices: np.ndarray) -> LlavaDataset:
+        """The items at `indices` (repeats allowed), in that order."""
+        selected = copy.copy(self)
+        selected.samples, selected.rows = [self.samples[i] for i in indices], self.rows[indices]
+        return selected
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         for offset in range(len(self.samples)):
@@ -63,12 +74,13 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def _item(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
-        input_ids, labels = expand_image_tokens(*self.store[index], self.image_token_id, self.tokens_per_image)
+        input_ids, labels = expand_image_tokens(*self.store[self.rows[index]], self.image_token_id,
+                                                self.tokens_per_image)
         item = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
         if sample.images:
             images = []
-            for relative in sample.images:
-                path = resolve_image_path(self.image_folder, relative, sample, self.allow_absolute_image_paths)
+            for reference in sample.images:
+                path = self.images[sample.source].file(reference, sample)
                 try:
                     images.append(load_image(path, self.max_image_pixels))
                 except (OSError, ValueError, SyntaxError, Warning) as error:
@@ -78,13 +90,16 @@ class LlavaDataset(torch.utils.data.Dataset):
         return item
 
 
-def build_dataset(data_paths: list[str], processor: ProcessorMixin, max_length: int, image_folder: str | None,
-                  skip_invalid: bool = False, allow_absolute_image_paths: bool = False,
-                  num_workers: int | None = None, max_image_pixels: int | None = None,
-                  cache_dir: str | None = None) -> LlavaDataset:
+def build_dataset(data_paths: list[str], processor: ProcessorMixin, max_length: int,
+                  image_folder: str | None | list[str | None], skip_invalid: bool = False,
+                  allow_absolute_image_paths: bool = False, num_workers: int | None = None,
+                  max_image_pixels: int | None = None, cache_dir: str | None = None) -> LlavaDataset:
     """Check and tokenize every sample (or read that from the cache in `cache_dir`, None: no cache); refuse with the
-    full report if any is invalid, unless `skip_invalid`, which drops them and logs how many were skipped and why."""
-    fingerprint = tokenization_fingerprint(processor, max_length, image_folder, allow_absolute_image_paths)
+    full report if any is invalid, unless `skip_invalid`, which drops them and logs how many were skipped and why.
+    `image_folder` is every file's image folder, or a list of one per file (a mixture's sources)."""
+    images = image_readers(data_paths, image_folder, allow_absolute_image_paths)
+    fingerprint = tokenization_fingerprint(processor, max_length, [reader.image_folder for reader in images],
+                                           allow_absolute_image_paths)
     result = cached(cache_dir, cache_key(data_paths, fingerprint), lambda: prepare_samples(
         data_paths, processor, max_length, image_folder, allow_absolute_image_paths, num_workers))
     if result.problems:
@@ -96,11 +111,10 @@ def build_dataset(data_paths: list[str], processor: ProcessorMixin, max_length: 
         logger.warning("training data warnings:\n%s", result.report(limit=20))
     if not result.samples:
         raise DataError(f"no valid samples in {', '.join(data_paths)}.", kind="no_samples")
-    return LlavaDataset(result.samples, result.store, processor, image_folder, allow_absolute_image_paths,
-                        skip_invalid, max_image_pixels)
+    return LlavaDataset(result.samples, result.store, processor, images, skip_invalid, max_image_pixels)
 
 
-def tokenization_fingerprint(processor: ProcessorMixin, max_length: int, image_folder: str | None,
+def tokenization_fingerprint(processor: ProcessorMixin, max_length: int, image_folders: list[str | None],
                              allow_absolute_image_paths: bool) -> dict:
     """Everything besides the data files that the tokenized samples and the list of invalid ones depend on."""
     tokenizer = processor.tokenizer
@@ -109,5 +123,6 @@ def tokenization_fingerprint(processor: ProcessorMixin, max_length: int, image_f
     return {"tokenizer": hashlib.sha256(vocabulary.encode("utf-8")).hexdigest(),
             "special_tokens": tokenizer.special_tokens_map, "chat_template": processor.chat_template,
             "image_token_id": processor.image_token_id, "tokens_per_image": image_token_count(processor),
-            "max_length": max_length, "image_folder": os.path.abspath(image_folder) if image_folder else None,
+            "max_length": max_length,
+            "image_folders": [os.path.abspath(folder) if folder else None for folder in image_folders],
             "allow_absolute_image_paths": allow_absolute_image_paths}

@@ -3,7 +3,9 @@
     python -m llava.inspect_data --model_name_or_path M --data_path D.json --image_folder IMGS --num_samples 3
     python -m llava.inspect_data ... --json     # one {"id", "input_ids", "labels"} object per line
 
-Only the processor is loaded (no weights), so this is quick even for a 7B checkpoint. Parts work too:
+--data_path takes every form training does (files, parquet/arrow tables, mixtures); samples are shown from the
+first source on, whatever the amounts. Only the processor is loaded (no weights), so this is quick even for a 7B
+checkpoint. Parts work too:
 `--vision_model_name_or_path V --language_model_name_or_path L` instead of `--model_name_or_path`.
 """
 

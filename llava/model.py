@@ -28,10 +28,12 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
                           LlavaProcessor, PreTrainedModel, ProcessorMixin)
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
 from transformers.core_model_loading import PrefixChange, revert_weight_conversion
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils.generic import is_flash_attention_requested
 
 from llava.arguments import ModelArguments
 from llava.distributed import multi_process, without_zero3_init
@@ -166,7 +168,9 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         for name in ("inputs_embeds", "position_ids"):
             if kwargs.get(name) is not None:
                 kwargs[name] = kwargs[name][:, :-1]
-        if self._encodes_images_first(pixel_values):
+        varlen = self._flash_varlen_kwargs(kwargs.get("position_ids"))
+        kwargs.update(varlen)
+        if self._encodes_images_first(pixel_values) or (varlen and pixel_values is not None):
             kwargs["inputs_embeds"] = self._embed_with_image_features(input_ids, pixel_values)
             input_ids = pixel_values = None
         prefix = self._shared_prefix_length(input_ids, attention_mask, targets, kwargs)
@@ -185,6 +189,23 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         denominator = num_items_in_batch if num_items_in_batch is not None else trained.sum().clamp(min=1)
         loss = loss / denominator
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _flash_varlen_kwargs(self, position_ids: torch.Tensor | None) -> dict:
+        """Flash attention's sequence boundaries for packed rows (`llava.packing`): where `position_ids` restart at
+        0 over the flattened batch (each sample, each row's padding); empty without flash attention or positions.
+
+        Why: transformers' flash attention finds packed sequences from `position_ids` alone only in a batch of one
+        row; with several rows and no attention mask it would attend across samples. Given these, it runs its
+        varlen kernel over the flattened rows instead. The images are then encoded before the LM runs
+        (`_embed_with_image_features`): transformers' `LlavaModel.forward` hands the LM's keyword arguments to the
+        vision tower too, which would apply the text's boundaries to its patches.
+        """
+        if position_ids is None or not is_flash_attention_requested(self.model.language_model.config):
+            return {}
+        (cu_seq_lens_q, cu_seq_lens_k), (max_length_q, max_length_k) = prepare_fa_kwargs_from_position_ids(
+            position_ids)
+        return {"cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k,
+                "max_length_q": int(max_length_q), "max_length_k": int(max_length_k)}
 
     def _shared_prefix_length(self, input_ids, attention_mask, targets, kwargs) -> int:
         """How many leading tokens every row of the batch shares and the loss does not need; 0 to not share.

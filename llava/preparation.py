@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 
 from llava.conversation import ConversationEncoder
-from llava.data import Sample, check_image, iter_samples, resolve_image_path
+from llava.data import ImageReader, Sample, check_image, image_readers, iter_samples
 from llava.errors import DataError
 from llava.token_store import PreparedData, TokenStore
 
@@ -30,11 +30,10 @@ class SampleChecker:
     """Tokenizes one sample and checks its turns and images; returns (encoded, None, warnings) or
     (None, DataError, [])."""
 
-    def __init__(self, encoder: ConversationEncoder, image_folder: str | None, allow_absolute_image_paths: bool):
+    def __init__(self, encoder: ConversationEncoder, images: list[ImageReader]):
         self.encoder = encoder
-        self.image_folder = image_folder
-        self.allow_absolute_image_paths = allow_absolute_image_paths
-        self._checked_images: set[str] = set()  # many questions share an image: check each path once
+        self.images = images  # one per data file: `sample.source` picks it
+        self._checked_images: set[tuple[int, str]] = set()  # many questions share an image: check each once
 
     def __call__(self, sample: Sample | DataError):
         if isinstance(sample, DataError):
@@ -43,11 +42,10 @@ class SampleChecker:
             _check_turn_order(sample)
             warnings = self._image_in_answer(sample)
             encoded = self.encoder.encode_compact(sample, warnings)
-            for relative in sample.images:
-                if relative not in self._checked_images:
-                    path = resolve_image_path(self.image_folder, relative, sample, self.allow_absolute_image_paths)
-                    check_image(path, sample)
-                    self._checked_images.add(relative)
+            for reference in sample.images:
+                if (sample.source, reference) not in self._checked_images:
+                    check_image(self.images[sample.source].file(reference, sample), sample)
+                    self._checked_images.add((sample.source, reference))
             return encoded, None, warnings
         except DataError as error:
             return None, error, []
@@ -90,49 +88,89 @@ def _check_in_worker(sample):
     return _worker_checker(sample)
 
 
-def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length: int, image_folder: str | None,
-             allow_absolute_image_paths: bool = False, num_workers: int | None = None) -> PreparedData:
-    """Read, tokenize and check every sample of every file, in parallel for large sets.
+def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length: int,
+                    image_folder: str | None | list[str | None], allow_absolute_image_paths: bool = False,
+                    num_workers: int | None = None) -> PreparedData:
+    """Read, tokenize and check every sample of every file, in parallel for large sets; `image_folder` is every
+    file's image folder, or a list of one per file (a mixture's sources).
 
-    Samples go through in chunks, each reduced to its tokens and what locates it before the next is read, so the
-    texts of only one chunk (beside a .json file's parsed list) are held at a time: a 665k-sample mix fits in a few
-    GB."""
-    checker = SampleChecker(ConversationEncoder(processor, max_length), image_folder, allow_absolute_image_paths)
-    chunks = _chunks(iter_samples(data_paths), _CHUNK)
+    Samples go through in chunks, each reduced to its tokens (one flat array per chunk) and what locates it, so the
+    texts of only two chunks (beside a .json file's text) are held at a time: a 665k-sample mix fits in a few GB.
+    The next chunk is read while the workers check the current one."""
+    checker = SampleChecker(ConversationEncoder(processor, max_length),
+                            image_readers(data_paths, image_folder, allow_absolute_image_paths))
+    total_bytes = sum(os.path.getsize(path) for path in data_paths if os.path.isfile(path))
+    read = _Counter()  # bytes of the files read so far: the progress bar's position, for its rate and ETA
+    chunks = _chunks(iter_samples(data_paths, read), _CHUNK)
     first = next(chunks, [])
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     workers = workers if len(first) >= _POOL_THRESHOLD else 1
-    samples, encoded, problems, warnings, first_seen = [], [], [], [], {}
-    with _checking(checker, workers) as check, tqdm(desc="checking samples", unit="sample", mininterval=2,
-                                                     disable=len(first) < 1000) as progress:
-        for chunk in itertools.chain([first], chunks):
-            for item, (tokens, problem, item_warnings) in zip(chunk, check(chunk)):
+    samples, parts, problems, warnings, first_seen = [], [], [], [], {}
+    with _checking(checker, workers) as submit, tqdm(
+            desc="checking samples", total=total_bytes, unit="B", unit_scale=True, mininterval=2,
+            disable=len(first) < 1000) as progress:
+        checked = ((chunk, submit(chunk), read.total) for chunk in itertools.chain([first], chunks))
+        for chunk, results, bytes_read in _one_ahead(checked):
+            encoded = []
+            for item, (tokens, problem, item_warnings) in zip(chunk, results.get()):
                 if not isinstance(item, DataError) and (duplicate := _duplicate_id(item, first_seen)):
                     warnings.append(duplicate)
                 warnings += item_warnings
                 if problem is not None:
                     problems.append(problem)
                 else:  # training needs no texts any more: only what locates the sample and its images
-                    samples.append(Sample(id=item.id, location=item.location, messages=[], images=item.images))
+                    samples.append(Sample(id=item.id, location=item.location, messages=[], images=item.images,
+                                          source=item.source))
                     encoded.append(tokens)
-            progress.update(len(chunk))
-    lengths = [checker.encoder.expanded_length(tokens["input_ids"]) for tokens in encoded]
-    return PreparedData(samples, TokenStore.from_samples(encoded, lengths), problems, warnings)
+            parts.append(TokenStore.from_samples(
+                encoded, [checker.encoder.expanded_length(tokens["input_ids"]) for tokens in encoded]))
+            progress.set_postfix_str(f"{len(samples) + len(problems)} samples", refresh=False)
+            progress.update(bytes_read - progress.n)
+    return PreparedData(samples, TokenStore.concatenate(parts), problems, warnings)
+
+
+def _one_ahead(items: Iterator) -> Iterator:
+    """`items`, each handed out only once the next one was taken: taking one submits a chunk to the workers (and
+    reads it), so the workers check chunk k + 1 while chunk k's results are collected."""
+    previous = None
+    for item in items:
+        if previous is not None:
+            yield previous
+        previous = item
+    if previous is not None:
+        yield previous
 
 
 @contextlib.contextmanager
-def _checking(checker: SampleChecker, workers: int) -> Iterator[Callable[[list], list]]:
-    """A function that checks a chunk of samples: in `workers` forked processes (which inherit `checker`), or here."""
+def _checking(checker: SampleChecker, workers: int) -> Iterator[Callable[[list], object]]:
+    """A function that starts checking a chunk of samples and returns a handle whose `get()` gives the results: in
+    `workers` forked processes (which inherit `checker`), or here, at once."""
     global _worker_checker
     if workers <= 1:
-        yield lambda chunk: [checker(item) for item in chunk]
+        yield lambda chunk: _Checked([checker(item) for item in chunk])
         return
     _worker_checker = checker
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            yield lambda chunk: pool.map(_check_in_worker, chunk, chunksize=256)
+            yield lambda chunk: pool.map_async(_check_in_worker, chunk, chunksize=256)
     finally:
         _worker_checker = None
+
+
+class _Checked:
+    def __init__(self, results: list):
+        self.results = results
+
+    def get(self) -> list:
+        return self.results
+
+
+class _Counter:
+    def __init__(self):
+        self.total = 0
+
+    def __call__(self, amount: int) -> None:
+        self.total += amount
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:

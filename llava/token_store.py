@@ -5,9 +5,10 @@ built) and trained flags in two flat arrays with an offset per sample, ~1.5 KB f
 instead of ~62 KB as expanded Python lists. On disk it is three `.npy` files read back memory-mapped, beside the
 samples' ids, locations and image paths (JSON lines) and the problems of the invalid ones.
 
-A cache folder is keyed by everything the tokens depend on: the data files (path, size, modification time), the
-tokenizer and chat template, the image-token count, `--model_max_length`, the image folder and this format's
-version. It is built in a temporary folder, completed with a marker and renamed into place, so a run killed while
+A cache folder is keyed by everything the tokens depend on: the data files (path, size, modification time; a
+`save_to_disk` folder's files), the tokenizer and chat template, the image-token count, `--model_max_length`, each
+source's image folder and this format's version. Not by a mixture's amounts: the selection is made from the cached
+samples (`llava.mixture`), so every amount reuses one cache. It is built in a temporary folder, completed with a marker and renamed into place, so a run killed while
 building leaves nothing that a later run would take for a cache; processes of one node wait on a lock while the
 first one builds.
 """
@@ -28,12 +29,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llava.checkpoints import fsync_dir, fsync_tree, write_json_atomically
 from llava.data import Sample
 from llava.errors import DataError
+from llava.sources import files_of
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when what is stored, or how samples are tokenized, changes
+CACHE_FORMAT = 2  # bump when what is stored, or how samples are tokenized, changes
 _COMPLETE = "complete.json"
 _ARRAYS = ("input_ids", "trained", "offsets", "lengths")
 
@@ -54,6 +57,16 @@ class TokenStore:
         input_ids = np.concatenate([e["input_ids"] for e in encoded]) if encoded else np.zeros(0, np.int32)
         trained = np.concatenate([e["trained"] for e in encoded]) if encoded else np.zeros(0, bool)
         return cls(input_ids.astype(np.int32), trained.astype(bool), offsets, np.asarray(lengths, dtype=np.int32))
+
+    @classmethod
+    def concatenate(cls, stores: list[TokenStore]) -> TokenStore:
+        if not stores:
+            return cls.from_samples([], [])
+        ends = np.cumsum([len(store.input_ids) for store in stores])
+        offsets = [stores[0].offsets[:1]] + [store.offsets[1:] + (end - len(store.input_ids))
+                                             for store, end in zip(stores, ends)]
+        return cls(np.concatenate([s.input_ids for s in stores]), np.concatenate([s.trained for s in stores]),
+                   np.concatenate(offsets), np.concatenate([s.lengths for s in stores]))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -108,8 +121,9 @@ def cache_key(data_paths: list[str], fingerprint: dict) -> str:
     """A name for the cache of `data_paths` as tokenized under `fingerprint` (tokenizer, template, limits)."""
     files = []
     for path in data_paths:
-        stat = os.stat(path)
-        files.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+        for name in files_of(path):  # a `save_to_disk` folder is its files
+            stat = os.stat(name)
+            files.append([os.path.abspath(name), stat.st_size, stat.st_mtime_ns])
     text = json.dumps({"format": CACHE_FORMAT, "files": files, **fingerprint}, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
@@ -117,15 +131,15 @@ def cache_key(data_paths: list[str], fingerprint: dict) -> str:
 def save_prepared(data: PreparedData, folder: str) -> None:
     data.store.save(folder)
     with open(os.path.join(folder, "samples.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps([s.id, s.location, s.images]) + "\n" for s in data.samples)
+        f.writelines(json.dumps([s.id, s.location, s.images, s.source]) + "\n" for s in data.samples)
     with open(os.path.join(folder, "problems.json"), "w", encoding="utf-8") as f:
         json.dump({name: [[str(e), e.kind] for e in getattr(data, name)] for name in ("problems", "warnings")}, f)
 
 
 def load_prepared(folder: str) -> PreparedData:
     with open(os.path.join(folder, "samples.jsonl"), encoding="utf-8") as f:
-        samples = [Sample(id=i, location=location, messages=[], images=images)
-                   for i, location, images in map(json.loads, f)]
+        samples = [Sample(id=i, location=location, messages=[], images=images, source=source)
+                   for i, location, images, source in map(json.loads, f)]
     with open(os.path.join(folder, "problems.json"), encoding="utf-8") as f:
         errors = {name: [DataError(message, kind) for message, kind in listed] for name, listed in json.load(f).items()}
     store = TokenStore.load(folder)
@@ -156,10 +170,12 @@ def cached(cache_dir: str | None, key: str, build: Callable[[], PreparedData]) -
         temporary = tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir)
         try:
             save_prepared(data, temporary)
-            with open(os.path.join(temporary, _COMPLETE), "w", encoding="utf-8") as f:
-                json.dump({"samples": len(data.samples), "problems": len(data.problems)}, f)
+            fsync_tree(temporary)  # on disk before the marker vouches for it: a machine crash leaves no bad cache
+            write_json_atomically(os.path.join(temporary, _COMPLETE),
+                                  {"samples": len(data.samples), "problems": len(data.problems)})
             try:
                 os.rename(temporary, folder)
+                fsync_dir(cache_dir)
             except OSError:  # another machine sharing the folder (no working lock across NFS) finished first
                 if not os.path.isfile(os.path.join(folder, _COMPLETE)):
                     raise

@@ -15,12 +15,15 @@ from transformers import ProcessorMixin, TrainerCallback, set_seed
 
 from llava.arguments import DataArguments, LlavaTrainingArguments, ModelArguments, parse_args
 from llava.callbacks import SampleAnswersCallback
-from llava.collator import LlavaDataCollator
+from llava.checkpoints import resolve_resume_checkpoint
 from llava.data import load_samples
 from llava.dataset import build_dataset
+from llava.distributed import decided_by_main_process
 from llava.final_output import finish_interrupted_publish
 from llava.lora import load_lora_model, save_lora_output
+from llava.mixture import MixtureRecordCallback, apply_mixture, check_resumed_mixture, write_record
 from llava.model import load_model, set_trainable
+from llava.packing import check_exact_packing, planned_batches
 from llava.processor import load_processor
 from llava.preemption import PREEMPTED_EXIT_CODE
 from llava.recompute import recompute_mlp_activations
@@ -87,26 +90,43 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: L
     # the report is printed once.
     processor = load_processor(model_args)
     # Local rank 0 checks and tokenizes (or reads the cache); the node's other processes then read its cache.
+    # The mixture's amounts are applied after (the cache serves every amount).
+    mixture = data_args.mixture
     with training_args.main_process_first(local=True, desc="checking and tokenizing the data"), \
             _reports_only_where_logged(training_args):
-        train_dataset = build_dataset(data_args.data_paths, processor, data_args.model_max_length,
-                                      data_args.image_folder, skip_invalid=data_args.skip_invalid_samples,
+        train_dataset = build_dataset(mixture.paths, processor, data_args.model_max_length, mixture.image_folders,
+                                      skip_invalid=data_args.skip_invalid_samples,
                                       allow_absolute_image_paths=data_args.allow_absolute_image_paths,
                                       max_image_pixels=data_args.max_image_pixels,
                                       cache_dir=data_args.tokenized_cache_dir)
-    logger.info("%d training samples from %s", len(train_dataset), ", ".join(data_args.data_paths))
-    callbacks = list(callbacks or [])
+        seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+        train_dataset, mixture_record = apply_mixture(mixture, train_dataset, seed)
+    logger.info("%d training samples from %s", len(train_dataset), ", ".join(mixture.paths))
+    # Which checkpoint a resume continues is decided here, so that its data mixture is compared before any weights
+    # load; the trainer then resumes exactly that one.
+    checkpoint = decided_by_main_process(
+        lambda: resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir))
+    check_resumed_mixture(mixture_record, checkpoint)
+    if training_args.should_save:
+        write_record(training_args.output_dir, mixture_record)
+    callbacks = [*(callbacks or []), MixtureRecordCallback(mixture_record)]
+    train_dataset, collator = planned_batches(
+        train_dataset, processor.tokenizer.pad_token_id, data_args.model_max_length, training_args.packing,
+        training_args.max_tokens_per_batch, training_args.seed)
     if data_args.sample_data_path:
         samples = load_samples([data_args.sample_data_path])[: data_args.num_logged_samples]
         callbacks.append(SampleAnswersCallback(samples, data_args.sample_image_folder or data_args.image_folder,
                                                processor, max_image_pixels=data_args.max_image_pixels))
 
+    model = build_model(model_args, training_args, processor)
+    if training_args.packing:
+        check_exact_packing(model)
     trainer = LlavaTrainer(
-        model=build_model(model_args, training_args, processor), args=training_args, train_dataset=train_dataset,
-        data_collator=LlavaDataCollator(pad_token_id=processor.tokenizer.pad_token_id), processing_class=processor,
+        model=model, args=training_args, train_dataset=train_dataset,
+        data_collator=collator, processing_class=processor,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.preempted:  # checkpoint saved; the final output is written by the run that finishes
         logger.warning("Stopped by SIGTERM at step %d after saving a checkpoint; rerun the same command with "
                        "--resume_from_checkpoint True to continue. Exit status %d.", trainer.state.global_step,

@@ -22,6 +22,7 @@ from llava.dataset import LlavaDataset
 from llava.distributed import decided_by_main_process
 from llava.final_output import prepare_staging, publish_final_output, staging_folder
 from llava.model import components, load_saved_weights, parameter_table
+from llava.packing import PlannedDataset
 from llava.preemption import PreemptionCallback, ignoring_sigterm
 from llava.processor import make_processor_files_portable
 
@@ -184,10 +185,12 @@ class LlavaTrainer(Trainer):
             target.load_state_dict(saved.state_dict())  # strict: a missing or renamed weight fails
 
     def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
-        """Trainer's sampler, except that length grouping reads the lengths the dataset already knows: upstream
-        would fetch every item to measure it, decoding every image once before the first step."""
+        """Trainer's sampler, except that length grouping reads the lengths the dataset already knows (samples', or
+        planned rows' and batches', see `llava.packing`): upstream would fetch every item to measure it, decoding
+        every image once before the first step."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, LlavaDataset):
+        known_lengths = isinstance(dataset, (LlavaDataset, PlannedDataset))
+        if self.args.train_sampling_strategy == "group_by_length" and known_lengths:
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         lengths=dataset.lengths)
         return super()._get_train_sampler(train_dataset)

@@ -2,6 +2,10 @@
 
     python -m llava.validate_data --model_name_or_path M --data_path D.json[,E.jsonl] --image_folder I \
         [--model_max_length N] [--num_workers W]
+    python -m llava.validate_data --model_name_or_path M --data_path mixture.yaml    # or a.json:0.5,b.parquet
+
+Every source of a mixture is checked whole, against its own image folder; the mixture's table (valid samples,
+taken, share) follows the report.
 
 Finds malformed JSON (line/column), missing, corrupt or oversized images, image paths leaving the image
 folder, <image> placeholder counts that differ from the image count, conversations with nothing to train on
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from llava.arguments import DataArguments, ModelArguments
+from llava.mixture import mixture_table, select
 from llava.preparation import prepare_samples
 from llava.processor import load_processor
 
@@ -31,13 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser((ModelArguments, DataArguments, ValidateArguments))
     model_args, data_args, validate_args = parser.parse_args_into_dataclasses(args=argv)
     processor = load_processor(model_args)
-    result = prepare_samples(data_args.data_paths, processor, data_args.model_max_length, data_args.image_folder,
+    mixture = data_args.mixture
+    result = prepare_samples(mixture.paths, processor, data_args.model_max_length, mixture.image_folders,
                              data_args.allow_absolute_image_paths, validate_args.num_workers)
+    if result.problems or result.warnings:
+        print(result.report())
+    if any(source.amount for source in mixture.sources):
+        print(mixture_table(mixture, select(mixture, result.samples, seed=0)))
     if result.problems:
-        print(result.report())
         return 1
-    if result.warnings:
-        print(result.report())
     print(f"all {result.num_records} samples valid")
     return 0
 

@@ -26,6 +26,9 @@ def test_parts_and_stage_flags_parse():
     (PARTS + ["--output_dir", "out"], "--data_path is required"),
     (PARTS + DATA + ["--freeze_vision_model", "True", "--freeze_projector", "True", "--freeze_language_model", "True"],
      "Every component is frozen"),
+    (PARTS + DATA + ["--eval_strategy", "steps"], "trains without an evaluation set.*llava.evaluate"),
+    (PARTS + DATA + ["--eval_strategy", "steps", "--save_strategy", "steps", "--load_best_model_at_end", "True"],
+     "nothing to evaluate or pick a best checkpoint by"),
 ])
 def test_conflicting_flags_fail_with_the_fix(argv, message):
     with pytest.raises(ValueError, match=message):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from llava.arguments import ModelArguments, parse_args
 from llava.conversation import ConversationEncoder
-from llava.data import load_image, to_rgb
+from llava.data import image_readers, load_image, to_rgb
 from llava.dataset import build_dataset
 from llava.errors import DataError
 from llava.processor import load_processor
@@ -126,7 +126,7 @@ def test_a_template_with_nested_loops_is_stopped(processor, tmp_path):
         encoder.render_time_limit = 0.5
         path = write_jsonl(tmp_path / "t.jsonl", [json.dumps(qa("loop", image=None, question="LOOP?")),
                                                    json.dumps(qa("fine", image=None, question="Hi?"))])
-        checker = SampleChecker(encoder, None, False)
+        checker = SampleChecker(encoder, image_readers([path], None))
         started = time.monotonic()
         outcomes = [checker(item) for item in iter_samples([path])]
         assert time.monotonic() - started < 10

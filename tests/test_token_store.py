@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import llava.dataset
+import llava.preparation
 from llava.arguments import ModelArguments
 from llava.conversation import ConversationEncoder
 from llava.data import load_samples
@@ -39,6 +40,35 @@ def test_stored_samples_expand_to_what_the_encoder_gives(parts, processor):
     assert dataset.store.input_ids.dtype == np.int32
     assert len(dataset.store.input_ids) == sum(dataset.lengths) - images * (encoder.tokens_per_image - 1)
     assert all(sample.messages == [] for sample in dataset.samples)  # the texts are not kept
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_samples_checked_in_chunks_by_workers_are_stored_as_encoded_one_by_one(parts, processor, tmp_path,
+                                                                               monkeypatch, workers):
+    """Many chunks (read one ahead of the workers) give what encoding each sample alone gives, in file order, with
+    the invalid samples' problems in order too."""
+    monkeypatch.setattr(llava.preparation, "_CHUNK", 7)
+    monkeypatch.setattr(llava.preparation, "_POOL_THRESHOLD", 2)
+    good = conversation_records()
+    records = []
+    for index in range(40):
+        record = json.loads(json.dumps(good[index % len(good)]))
+        record["id"] = f"s{index}"
+        if index % 9 == 4:
+            record["conversations"] = record["conversations"][:1]  # ends with the user: invalid
+        records.append(record)
+    data_path, image_folder = write_dataset(str(tmp_path), records)
+    result = llava.preparation.prepare_samples([data_path], processor, 512, image_folder, num_workers=workers)
+    encoder = ConversationEncoder(processor, 512)
+    valid = [sample for sample in load_samples([data_path]) if len(sample.messages) > 1]
+    assert [s.id for s in result.samples] == [s.id for s in valid]
+    assert [e.kind for e in result.problems] == ["last_turn_not_assistant"] * 4
+    assert [f"(id 's{i}')" in str(problem) for i, problem in zip((4, 13, 22, 31), result.problems)] == [True] * 4
+    for index, sample in enumerate(valid):
+        expected = encoder.encode_compact(sample)
+        ids, trained = result.store[index]
+        assert ids.tolist() == expected["input_ids"].tolist() and trained.tolist() == expected["trained"].tolist()
+        assert result.store.lengths[index] == encoder.expanded_length(expected["input_ids"])
 
 
 def test_cache_is_reused_until_data_or_limits_change(parts, processor, tmp_path, monkeypatch):
