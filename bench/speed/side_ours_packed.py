@@ -2,9 +2,8 @@
 
 Rows hold at most PACK_LENGTH tokens, just above the longest sample of prepare.py's mixed set (490 tokens, the
 64 image tokens included), and a step takes --batch_size / ROWS_PER_BATCH_DIVISOR rows: 4 rows of 512 token slots
-for --batch_size 16, about the ~2,400 tokens of 16 unpacked mixed samples (152 on average), so a step holds about
-as many tokens (and as much memory) as the other sides' steps. A row's samples are counted as samples
-(`harness.packed_samples`).
+for --batch_size 16, about the ~2,400 tokens of 16 unpacked mixed samples (152 on average), so a packed step holds
+about as many tokens as an unpacked step of ours. A row's samples are counted as samples (`harness.packed_samples`).
 
     python bench/speed/side_ours_packed.py --stage stage2 --model DIR --data JSON --image_folder DIR [train flags...]
 """
