@@ -38,11 +38,7 @@ def files_of(path: str) -> list[str]:
 
 def open_table(path: str):
     """The `datasets.Dataset` at `path`, memory-mapped, in the "arrow" format (rows as Arrow, nothing decoded)."""
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"--data_path {path}: reading parquet and arrow data needs the `datasets` package: "
-                        "pip install 'train_llava[tables]'.", kind="malformed_table") from None
+    import datasets
 
     try:
         if os.path.isdir(path):
