@@ -45,6 +45,9 @@ def test_quick_benchmark_measures_every_side_and_the_padding(quick_run):
             assert summary[stage][side]["samples_per_s"] > 0 and summary[stage][side]["peak_rss_mb"] > 0
         for side in {"ours", "ours_packed"} & set(_sides()):
             assert summary[stage]["vs_faster_baseline"][side]["ratio"] > 0
+            assert summary[stage]["vs_faster_baseline"][side]["set_ratio"] > 0  # the whole-set estimate
+        entry = summary[stage]["ours"]
+        assert entry["set_samples_per_s"] > 0
     padding = summary["mixed_padding"]
     assert 0 <= padding["epoch_pad_fraction"] < padding["epoch_pad_fraction_random_batches"]
 

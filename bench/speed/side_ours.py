@@ -40,8 +40,10 @@ def main(side: str = "ours", doc: str = __doc__, side_flags: tuple[str, ...] = (
         argv += ["--gradient_checkpointing", str(args.grad_ckpt == "on")]
     trainer = llava.train.main(argv + train_flags)
     lengths, rows = trainer.train_dataset.lengths, trainer.args.per_device_train_batch_size  # packed: rows' lengths
+    samples = getattr(trainer.train_dataset, "dataset", trainer.train_dataset)  # packed: the samples in the rows
     harness.emit(recorder.result({
         "grad_ckpt": bool(trainer.args.gradient_checkpointing), "train_flags": " ".join(train_flags),
+        "set_tokens_per_sample": round(sum(samples.lengths) / len(samples.lengths), 2),
         "epoch_pad_fraction": epoch_pad_fraction(lengths, list(trainer._get_train_sampler()), rows),
         "epoch_pad_fraction_random": epoch_pad_fraction(lengths, torch.randperm(len(lengths)).tolist(), rows),
     }), args.out_json)
