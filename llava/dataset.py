@@ -9,17 +9,16 @@ import json
 import logging
 import os
 
+import numpy as np
 import torch
 from transformers import ProcessorMixin
 
 from llava.conversation import expand_image_tokens
-import numpy as np
-
 from llava.data import ImageReader, Sample, image_readers, load_image
 from llava.errors import DataError
+from llava.preparation import prepare_samples
 from llava.processor import image_token_count
 from llava.token_store import TokenStore, cache_key, cached
-from llava.preparation import prepare_samples
 
 logger = logging.getLogger(__name__)
 

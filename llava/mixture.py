@@ -38,7 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.checkpoints import write_json_atomically
 from llava.errors import DataError
-from llava.sources import files_of
+from llava.sources import file_stamps
 
 logger = logging.getLogger(__name__)
 
@@ -261,9 +261,7 @@ def mixture_record(mixture: Mixture, selection: Selection) -> dict:
     counts, the seed, and the digest of the selected samples in order."""
     sources = []
     for source, available, taken in zip(mixture.sources, selection.available, selection.taken):
-        files = [[os.path.abspath(name), os.stat(name).st_size, os.stat(name).st_mtime_ns]
-                 for name in files_of(source.path)]
-        sources.append({"path": os.path.abspath(source.path), "files": files,
+        sources.append({"path": os.path.abspath(source.path), "files": file_stamps(source.path),
                         "amount": source.amount.text if source.amount else None,
                         "image_folder": os.path.abspath(source.image_folder) if source.image_folder else None,
                         "valid": available, "taken": taken})

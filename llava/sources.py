@@ -29,11 +29,17 @@ def is_table(path: str) -> bool:
     return path.lower().endswith(TABLE_SUFFIXES) or os.path.isdir(path)
 
 
-def files_of(path: str) -> list[str]:
-    """The files whose size and modification time stand for the data at `path`: itself, or a folder's files."""
-    if not os.path.isdir(path):
-        return [path]
-    return sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+def file_stamps(path: str) -> list[list]:
+    """[absolute path, size, modification time (ns)] of the files that stand for the data at `path`: itself, or a
+    folder's files (a `save_to_disk` dataset): what says the data changed, for the token cache and the mixture
+    record."""
+    names = [path] if not os.path.isdir(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    stamps = []
+    for name in names:
+        stat = os.stat(name)
+        stamps.append([os.path.abspath(name), stat.st_size, stat.st_mtime_ns])
+    return stamps
 
 
 def open_table(path: str):

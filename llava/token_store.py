@@ -8,9 +8,9 @@ samples' ids, locations and image paths (JSON lines) and the problems of the inv
 A cache folder is keyed by everything the tokens depend on: the data files (path, size, modification time; a
 `save_to_disk` folder's files), the tokenizer and chat template, the image-token count, `--model_max_length`, each
 source's image folder and this format's version. Not by a mixture's amounts: the selection is made from the cached
-samples (`llava.mixture`), so every amount reuses one cache. It is built in a temporary folder, completed with a marker and renamed into place, so a run killed while
-building leaves nothing that a later run would take for a cache; processes of one node wait on a lock while the
-first one builds.
+samples (`llava.mixture`), so every amount reuses one cache. It is built in a temporary folder, completed with a
+marker and renamed into place, so a run killed while building leaves nothing that a later run would take for a
+cache; processes of one node wait on a lock while the first one builds.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 from llava.checkpoints import fsync_dir, fsync_tree, write_json_atomically
 from llava.data import Sample
 from llava.errors import DataError
-from llava.sources import files_of
+from llava.sources import file_stamps
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +119,7 @@ def _listing(errors: list[DataError], limit: int | None, summary: str) -> list[s
 
 def cache_key(data_paths: list[str], fingerprint: dict) -> str:
     """A name for the cache of `data_paths` as tokenized under `fingerprint` (tokenizer, template, limits)."""
-    files = []
-    for path in data_paths:
-        for name in files_of(path):  # a `save_to_disk` folder is its files
-            stat = os.stat(name)
-            files.append([os.path.abspath(name), stat.st_size, stat.st_mtime_ns])
+    files = [stamp for path in data_paths for stamp in file_stamps(path)]
     text = json.dumps({"format": CACHE_FORMAT, "files": files, **fingerprint}, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
