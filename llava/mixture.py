@@ -33,8 +33,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.checkpoints import write_json_atomically
 from llava.errors import DataError
@@ -315,14 +313,3 @@ def _differences(recorded: dict, current: dict) -> list[str]:
             lines.append(f"{new['path']}: changed on disk since (size or modification time)")
     return lines
 
-
-class MixtureRecordCallback(TrainerCallback):
-    """Writes the mixture record into every checkpoint-N once it is saved, so that resuming it is checked."""
-
-    def __init__(self, record: dict):
-        self.record = record
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if args.should_save and os.path.isdir(folder):
-            write_record(folder, self.record)

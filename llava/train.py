@@ -21,7 +21,7 @@ from llava.dataset import build_dataset
 from llava.distributed import decided_by_main_process
 from llava.final_output import finish_interrupted_publish
 from llava.lora import load_lora_model, save_lora_output
-from llava.mixture import MixtureRecordCallback, apply_mixture, check_resumed_mixture, write_record
+from llava.mixture import RECORD_NAME, apply_mixture, check_resumed_mixture, write_record
 from llava.model import load_model, set_trainable
 from llava.packing import check_exact_packing, planned_batches
 from llava.processor import load_processor
@@ -109,7 +109,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: L
     check_resumed_mixture(mixture_record, checkpoint)
     if training_args.should_save:
         write_record(training_args.output_dir, mixture_record)
-    callbacks = [*(callbacks or []), MixtureRecordCallback(mixture_record)]
+    callbacks = list(callbacks or [])
     train_dataset, collator = planned_batches(
         train_dataset, processor.tokenizer.pad_token_id, data_args.model_max_length, training_args.packing,
         training_args.max_tokens_per_batch, training_args.seed)
@@ -126,6 +126,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: L
         data_collator=collator, processing_class=processor,
         callbacks=callbacks,
     )
+    trainer.checkpoint_records[RECORD_NAME] = mixture_record  # checked when a checkpoint is resumed
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.preempted:  # checkpoint saved; the final output is written by the run that finishes
         logger.warning("Stopped by SIGTERM at step %d after saving a checkpoint; rerun the same command with "

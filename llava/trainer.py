@@ -17,7 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.arguments import LlavaTrainingArguments
 from llava.checkpoints import (begin_save, latest_complete_checkpoint, mark_complete, resolve_resume_checkpoint,
-                               rotate_checkpoints)
+                               rotate_checkpoints, write_json_atomically)
 from llava.dataset import LlavaDataset
 from llava.distributed import decided_by_main_process
 from llava.final_output import prepare_staging, publish_final_output, staging_folder
@@ -45,6 +45,8 @@ class LlavaTrainer(Trainer):
     - SIGTERM saves a checkpoint at the next step boundary and stops training; `preempted` then says so. Dataloader
       workers ignore it, so a signal to the whole process group still gets its checkpoint.
     - Writes training arguments as JSON (`training_args.json`) instead of transformers' pickled training_args.bin.
+    - Writes `checkpoint_records` (file name -> JSON value, e.g. the data mixture) into every checkpoint-N before
+      it is marked complete, so a complete checkpoint always has them.
     """
 
     def __init__(self, *args, processing_class=None, **kwargs):
@@ -52,6 +54,7 @@ class LlavaTrainer(Trainer):
             raise ValueError("LlavaTrainer needs processing_class=<the LlavaProcessor>, so checkpoints are complete.")
         super().__init__(*args, processing_class=processing_class, **kwargs)
         self._deferred_save_total_limit: int | None = None  # set while `_rotation_deferred` holds the user's value
+        self.checkpoint_records: dict[str, object] = {}
         self.preemption = PreemptionCallback(self._any_process)
         self.add_callback(self.preemption)
 
@@ -108,6 +111,8 @@ class LlavaTrainer(Trainer):
                           "(or lower --save_total_limit) and rerun with --resume_from_checkpoint True.") from error
         self.accelerator.wait_for_everyone()  # every process has written its files
         if self.args.should_save:
+            for name, value in self.checkpoint_records.items():
+                write_json_atomically(os.path.join(folder, name), value)
             mark_complete(folder, self.state.global_step)
             rotate_checkpoints(os.path.dirname(folder), limit, newest=folder,
                                protected=self.state.best_model_checkpoint)

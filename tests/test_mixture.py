@@ -14,6 +14,7 @@ from PIL import Image
 import llava.dataset
 import llava.train
 from llava.arguments import ModelArguments, parse_args
+from llava.checkpoints import COMPLETE_MARKER
 from llava.data import Sample
 from llava.dataset import build_dataset
 from llava.errors import DataError
@@ -264,6 +265,8 @@ def test_recorded_mixture_and_resume_refusal_or_continuation(parts, llava_checkp
     for step in (1, 2):
         with open(os.path.join(out, f"checkpoint-{step}", RECORD_NAME), encoding="utf-8") as f:
             assert json.load(f) == record
+        with open(os.path.join(out, f"checkpoint-{step}", COMPLETE_MARKER), encoding="utf-8") as f:
+            assert RECORD_NAME in json.load(f)["files"]  # written before the checkpoint was marked complete
     loads = []
     real_build_model = llava.train.build_model
     monkeypatch.setattr(llava.train, "build_model", lambda *a: loads.append(1) or real_build_model(*a))
