@@ -2,7 +2,7 @@
 # Stage 1 — align: the language model stays frozen; the projector learns to turn image features into
 # "words" the LM reads.
 #
-#   bash run_stage1.sh                          # the embedded demo (assets: `make demo-assets`)
+#   bash run_stage1.sh                          # the embedded demo (assets: `make demo` prepares them)
 #   bash run_stage1.sh --data_path X --output_dir Y --vision_model_name_or_path V ...
 #                                               # any train_llava.py flag; yours override the defaults below
 #
@@ -17,7 +17,7 @@
 #     --bf16 True --dataloader_num_workers 4 --save_steps 500 --output_dir out/stage1
 set -euo pipefail
 cd "$(dirname "$0")"
-source scripts/demo_defaults.sh
+source llava/demo/stage_defaults.sh
 
 flags=(
   "${demo_parts[@]}"

@@ -17,7 +17,7 @@
 #   QLoRA on one 24 GB GPU: add --load_in_4bit True --bf16 True
 set -euo pipefail
 cd "$(dirname "$0")"
-source scripts/demo_defaults.sh
+source llava/demo/stage_defaults.sh
 
 flags=(
   --model_name_or_path output/demo/stage1          # stage 1's output: tower + projector + LM

@@ -27,7 +27,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.tiny_parts import save_language_model  # noqa: E402  (the repo's tiny ChatML LM)
+from tests.helpers.tiny_parts import save_language_model  # noqa: E402  (the repo's tiny ChatML LM)
 
 WORDS = ("the a man woman dog cat red blue green small large table street car bus tree sky picture image left right "
          "holding sitting standing near behind front of in on with two three people building window sign white black "

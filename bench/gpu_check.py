@@ -91,10 +91,10 @@ def build_parts(folder: str, size: dict) -> dict:
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from llava.arguments import ModelArguments
-    from llava.model import assemble_llava
-    from llava.processor import build_processor, save_processor
-    from tests.tiny_parts import conversation_records, gpt2_tokenizer, write_dataset
+    from llava.model.hub_format import save_processor
+    from llava.training.arguments import ModelArguments
+    from llava.training.build import base_model_for, processor_for
+    from tests.helpers.tiny_parts import conversation_records, gpt2_tokenizer, write_dataset
 
     system = {"from": "system", "value": "You are a careful assistant that looks at images and answers briefly."}
     records = [{**r, "id": f"{r['id']}{i}", "conversations": [system, *r["conversations"]]}
@@ -111,9 +111,9 @@ def build_parts(folder: str, size: dict) -> dict:
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
         vision)
     args = ModelArguments(vision_model_name_or_path=vision, language_model_name_or_path=lm)
-    processor = build_processor(args)
+    processor = processor_for(args)
     stage1 = os.path.join(folder, "untrained")
-    assemble_llava(args, processor).to(torch.bfloat16).save_pretrained(stage1)  # half the disk; loads as fp32
+    base_model_for(args, processor).to(torch.bfloat16).save_pretrained(stage1)  # half the disk; loads as fp32
     save_processor(processor, stage1)
     return {"vision": vision, "lm": lm, "data": data, "images": images, "stage1": stage1}
 
@@ -126,14 +126,14 @@ def correctness(parts: dict, device: str) -> dict:
     import torch
     import transformers
 
-    from llava.collator import LlavaDataCollator
-    from llava.dataset import build_dataset
-    from llava.model import LlavaForConditionalGeneration
-    from llava.processor import load_processor
-    from llava.arguments import ModelArguments
+    from llava.data.collator import LlavaDataCollator
+    from llava.model.modeling import LlavaForConditionalGeneration
+    from llava.training.arguments import ModelArguments
+    from llava.training.build import processor_for
+    from tests.helpers.tiny_parts import dataset_from
 
-    processor = load_processor(ModelArguments(model_name_or_path=parts["stage1"]))
-    dataset = build_dataset([parts["data"]], processor, 2048, parts["images"])
+    processor = processor_for(ModelArguments(model_name_or_path=parts["stage1"]))
+    dataset = dataset_from([parts["data"]], processor, 2048, parts["images"])
     batch = LlavaDataCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
@@ -216,7 +216,7 @@ def train_child(argv: list[str], result_path: str) -> None:
 
     clock = StepClock()
     if os.path.basename(result_path) == "prefix_off.json":
-        from llava.model import LlavaForConditionalGeneration
+        from llava.model.modeling import LlavaForConditionalGeneration
 
         LlavaForConditionalGeneration._can_share_prefix = lambda self, kwargs: False
     if cuda:
@@ -226,8 +226,9 @@ def train_child(argv: list[str], result_path: str) -> None:
         return
     dataset, args = trainer.train_dataset, trainer.args
     trained = [int((torch.as_tensor(dataset[i]["labels"]) != -100).sum()) for i in range(len(dataset))]
-    base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-    lm_trains = not args.freeze_language_model and not args.lora_enable
+    lora = hasattr(trainer.model, "get_base_model")  # a peft model: the LM learns through adapters only
+    base = trainer.model.get_base_model() if lora else trainer.model
+    lm_trains = not args.freeze_language_model and not lora
     flops = training_flops(base.config, statistics.mean(dataset.lengths), statistics.mean(trained), lm_trains)
     with open(result_path, "w") as f:
         json.dump({"step_ends": clock.ends, "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,

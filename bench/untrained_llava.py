@@ -8,10 +8,9 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-from llava.arguments import ModelArguments
 from llava.demo.smollm2 import ensure_smollm2
-from llava.model import assemble_llava
-from llava.processor import build_processor
+from llava.training.arguments import ModelArguments
+from llava.training.build import base_model_for, processor_for
 
 
 def save_untrained_llava(output_dir: str, work_dir: str, vision_config: dict, lm_layers: int | None) -> None:
@@ -32,6 +31,6 @@ def save_untrained_llava(output_dir: str, work_dir: str, vision_config: dict, lm
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
         vision_dir)
     args = ModelArguments(vision_model_name_or_path=vision_dir, language_model_name_or_path=lm_dir)
-    processor = build_processor(args)
-    assemble_llava(args, processor).save_pretrained(output_dir)
+    processor = processor_for(args)
+    base_model_for(args, processor).save_pretrained(output_dir)
     processor.save_pretrained(output_dir)

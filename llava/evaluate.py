@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from llava.data import Sample, load_image, load_samples, resolve_image_path
-from llava.inference import Answerer, InferenceArguments, load_for_inference
+from llava.data.images import load_image, resolve_image_path
+from llava.data.records import load_samples
+from llava.data.types import Sample
+from llava.model.inference import Answerer, InferenceArguments, load_for_inference
 
 
 def normalize(answer: str) -> str:

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from llava.conversation import Message
-from llava.data import load_image
-from llava.inference import Answerer, InferenceArguments, load_for_inference
+from llava.data.images import load_image
+from llava.data.types import Message
+from llava.model.inference import Answerer, InferenceArguments, load_for_inference
 
 
 @dataclass

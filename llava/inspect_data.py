@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from llava.arguments import DataArguments, ModelArguments
-from llava.conversation import ConversationEncoder
-from llava.data import load_samples
-from llava.processor import IGNORE_INDEX, load_processor
+from llava.data.encoder import ConversationEncoder
+from llava.data.mixture import read_mixture
+from llava.data.records import load_samples
+from llava.data.types import IGNORE_INDEX
+from llava.model.processor import image_token_count
+from llava.training.arguments import DataSourceArguments, ProcessorArguments
+from llava.training.build import processor_for
 
 TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
 
@@ -44,11 +47,12 @@ def render_marked(tokenizer, input_ids: list[int], labels: list[int], image_toke
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, InspectArguments))
+    parser = HfArgumentParser((ProcessorArguments, DataSourceArguments, InspectArguments))
     model_args, data_args, inspect_args = parser.parse_args_into_dataclasses(args=argv)
-    processor = load_processor(model_args)
-    encoder = ConversationEncoder(processor, data_args.model_max_length)
-    samples = load_samples(data_args.data_paths)[: inspect_args.num_samples]
+    mixture = read_mixture(data_args.data_path, data_args.image_folder)
+    processor = processor_for(model_args)
+    encoder = ConversationEncoder(processor, data_args.model_max_length, image_token_count(processor))
+    samples = load_samples(mixture.paths)[: inspect_args.num_samples]
     if not inspect_args.json:
         print(f"Trained tokens are between {TRAIN_OPEN} and {TRAIN_CLOSE}; everything else has label -100.\n")
     for sample in samples:

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser
 
-from llava.arguments import DTYPE_CHOICES
-from llava.lora import load_merged_model
-from llava.processor import save_processor
+from llava.model.hub_format import save_processor
+from llava.model.lora import load_merged_model
+from llava.training.arguments import DTYPE_CHOICES
 
 logger = logging.getLogger("llava")
 

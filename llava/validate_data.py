@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from llava.arguments import DataArguments, ModelArguments
-from llava.mixture import mixture_table, select
-from llava.preparation import prepare_samples
-from llava.processor import load_processor
+from llava.data.checking import prepare_samples
+from llava.data.images import image_readers
+from llava.data.mixture import mixture_table, read_mixture, select
+from llava.model.processor import image_token_count
+from llava.training.arguments import DataSourceArguments, ProcessorArguments
+from llava.training.build import processor_for
 
 
 @dataclass
@@ -33,12 +35,13 @@ class ValidateArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser((ModelArguments, DataArguments, ValidateArguments))
+    parser = HfArgumentParser((ProcessorArguments, DataSourceArguments, ValidateArguments))
     model_args, data_args, validate_args = parser.parse_args_into_dataclasses(args=argv)
-    processor = load_processor(model_args)
-    mixture = data_args.mixture
-    result = prepare_samples(mixture.paths, processor, data_args.model_max_length, mixture.image_folders,
-                             data_args.allow_absolute_image_paths, validate_args.num_workers)
+    mixture = read_mixture(data_args.data_path, data_args.image_folder)
+    processor = processor_for(model_args)
+    images = image_readers(mixture.paths, mixture.image_folders, data_args.allow_absolute_image_paths)
+    result = prepare_samples(mixture.paths, processor, data_args.model_max_length, image_token_count(processor),
+                             images, validate_args.num_workers)
     if result.problems or result.warnings:
         print(result.report())
     if any(source.amount for source in mixture.sources):

@@ -1,10 +1,10 @@
 """Shared fixtures: tiny model parts and a dataset written once per test session."""
-
 import os
 
 import pytest
 
-from tests.tiny_parts import save_language_model, save_vision_model, write_dataset
+from llava.training.build import base_model_for, processor_for
+from tests.helpers.tiny_parts import save_language_model, save_vision_model, write_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
@@ -26,13 +26,12 @@ def parts(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llava_checkpoint(parts):
     """An assembled, untrained LLaVA checkpoint folder (weights + processor), as a user's stage output."""
-    from llava.arguments import ModelArguments
-    from llava.model import load_model
-    from llava.processor import load_processor, save_processor
+    from llava.model.hub_format import save_processor
+    from llava.training.arguments import ModelArguments
 
     args = ModelArguments(vision_model_name_or_path=parts["vision"], language_model_name_or_path=parts["lm"])
-    processor = load_processor(args)
+    processor = processor_for(args)
     path = str(parts["root"] / "llava")
-    load_model(args, processor).save_pretrained(path)
+    base_model_for(args, processor).save_pretrained(path)
     save_processor(processor, path)
     return path

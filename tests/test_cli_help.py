@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import llava
-from tests.test_train_cli import REPO
+from tests.helpers.outputs import REPO
 
 # A flag each command must list; a new entry point without a row here fails `test_every_entry_point_is_listed`.
 EXPECTED_FLAG = {
@@ -22,7 +22,11 @@ EXPECTED_FLAG = {
     "llava.demo.run": "--full",
     "llava.demo.smollm2": "--cache_dir",
     "llava.demo.pretrain_vision": "--max_minutes",
+    "llava.demo.easy_vqa": "--max_images",
 }
+# Flags of training that a command which loads no weights and trains nothing must not offer.
+NOT_OFFERED = {"llava.inspect_data": ["--load_in_4bit", "--skip_invalid_samples", "--data_cache_dir", "--dtype"],
+               "llava.validate_data": ["--load_in_4bit", "--skip_invalid_samples", "--sample_data_path", "--dtype"]}
 
 
 def entry_points() -> list[str]:
@@ -47,6 +51,7 @@ def test_help_lists_the_flags(module, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage:") and EXPECTED_FLAG[module] in out
+    assert [flag for flag in NOT_OFFERED.get(module, []) if flag in out] == []
 
 
 def test_train_llava_script_help():

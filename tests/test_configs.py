@@ -11,8 +11,9 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
-from llava.arguments import ModelArguments, load_in_deepspeed_precision, parse_args
-from tests.test_train_cli import REPO
+from llava.training.arguments import ModelArguments
+from llava.training.parsing import load_in_deepspeed_precision, parse_args
+from tests.helpers.outputs import REPO
 
 CONFIGS = os.path.join(REPO, "configs")
 DEEPSPEED = {2: os.path.join(CONFIGS, "deepspeed_zero2.json"), 3: os.path.join(CONFIGS, "deepspeed_zero3.json")}
@@ -44,7 +45,7 @@ def test_deepspeed_config_leaves_precision_batch_and_optimizer_to_the_trainer(st
 @pytest.mark.parametrize("stage", DEEPSPEED)
 def test_training_arguments_accept_the_deepspeed_config(stage):
     args = parse_args(["--model_name_or_path", "M", "--data_path", "d.json", "--output_dir", "o",
-                       "--deepspeed", DEEPSPEED[stage]])[2]
+                       "--deepspeed", DEEPSPEED[stage]]).training
     assert args.hf_deepspeed_config.is_zero3() == (stage == 3)
 
 

@@ -111,7 +111,7 @@ def conversation_records(path: str, image_folder: str) -> list[dict]:
 
 
 def packed_samples(position_ids, labels) -> tuple[int, int]:
-    """Samples and their tokens in a batch of packed rows (`llava.packing.PackingCollator`): every sample's
+    """Samples and their tokens in a batch of packed rows (`llava.data.collator.PackingCollator`): every sample's
     positions restart at 0, and so do those of a row's padding, which alone has no trained label."""
     samples = tokens = 0
     for positions, row_labels in zip(position_ids, labels):

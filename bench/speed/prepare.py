@@ -6,7 +6,7 @@ hidden 256, 4 layers) + a new projector, assembled and saved by train_llava's ow
 with its processor. The chat template is SmolLM2's, so every sample starts with its default system prompt. This
 is the model the baselines in the speed issue were measured with (~105 tokens a sample).
 
-Data (easy-VQA via data/prepare_easy_vqa.py; images stay in the installed package):
+Data (easy-VQA via llava.demo.easy_vqa; images stay in the installed package):
   stage1.json  captions, "<image>\\nDescribe the image." -> "A blue rectangle."      (stage 1)
   stage2.json  single questions, "<image>\\nis there a red shape?" -> "no"           (stage 2)
   mixed.json   LLaVA-style mix of very different lengths (ours only, for padding): captions, multi-turn
@@ -53,7 +53,7 @@ def text_only(caption_record: dict) -> dict:
 def build_data(work_dir: str, max_images: int | None, samples: int) -> dict:
     easy_vqa = os.path.join(work_dir, "easy_vqa")
     if not os.path.isfile(os.path.join(easy_vqa, "meta.json")):
-        command = [sys.executable, os.path.join(REPO, "data", "prepare_easy_vqa.py"), "--output_dir", easy_vqa,
+        command = [sys.executable, "-m", "llava.demo.easy_vqa", "--output_dir", easy_vqa,
                    "--num_test", "10"]
         subprocess.run(command + (["--max_images", str(max_images)] if max_images else []), check=True)
     with open(os.path.join(easy_vqa, "meta.json")) as f:

@@ -27,9 +27,10 @@ def main(side: str = "ours", doc: str = __doc__, side_flags: tuple[str, ...] = (
     args, train_flags = harness.parse(doc)
     train_flags = [*side_flags, *train_flags]
     import llava.train
+    import llava.training.run
 
     recorder = harness.Recorder(args, side)
-    llava.train.LlavaTrainer = harness.instrument(llava.train.LlavaTrainer, recorder)
+    llava.training.run.LlavaTrainer = harness.instrument(llava.training.run.LlavaTrainer, recorder)
     argv = ["--model_name_or_path", args.model, "--data_path", args.data, "--image_folder", args.image_folder,
             "--output_dir", tempfile.mkdtemp(prefix="speed-ours-"), *FREEZE_FLAGS[args.stage],
             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.lr),

@@ -1,1 +1,2 @@
-"""Assets for the easy-VQA demo: the SmolLM2 language model and a small pretrained CLIP vision tower."""
+"""The embedded easy-VQA demo (`make demo`): its data (`easy_vqa`), language model (`smollm2`), a small pretrained
+CLIP tower (`pretrain_vision`), the stage scripts' defaults (`stage_defaults.sh`) and the whole run (`run`)."""

@@ -3,7 +3,7 @@
 Why: a random tower that learns only through the language model barely learns at all in the demo's
 budget (after 2,000 captioned images, at a full SmolLM2 forward+backward each, it carried 38 % colour and
 40 % shape). Here the tower learns from direct labels instead: the colour and shape of each easy-VQA
-*train* image, derived by `data/prepare_easy_vqa.py` (image_labels.json). Test images are only used for
+*train* image, derived by `llava.demo.easy_vqa` (image_labels.json). Test images are only used for
 the held-out probe at the end.
 
 The heads read exactly what LLaVA will read with `vision_feature_layer=-2` and the "default" select
@@ -53,7 +53,7 @@ def make_image_processor(config: CLIPVisionConfig) -> CLIPImageProcessorPil:
 
 
 def read_labels(data_dir: Path) -> tuple[Path, dict[str, list[dict]]]:
-    """Image folder (meta.json) and per-split label records (image_labels.json) written by prepare_easy_vqa."""
+    """Image folder (meta.json) and per-split label records (image_labels.json) written by llava.demo.easy_vqa."""
     meta = json.loads((data_dir / "meta.json").read_text())
     return Path(meta["image_folder"]), json.loads((data_dir / "image_labels.json").read_text())
 
@@ -202,7 +202,7 @@ def probe_accuracies(
 
 @dataclass
 class PretrainArguments:
-    data_dir: Path = field(metadata={"help": "Output folder of data/prepare_easy_vqa.py."})
+    data_dir: Path = field(metadata={"help": "Output folder of llava.demo.easy_vqa."})
     output_dir: Path = field(metadata={"help": "Where the CLIP vision checkpoint and its image processor go."})
     vision_config: Path = field(default=DEFAULT_VISION_CONFIG, metadata={"help": "CLIPVisionConfig JSON file."})
     epochs: float = field(default=20.0, metadata={"help": "Passes over the train images."})

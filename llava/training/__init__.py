@@ -1,0 +1,3 @@
+"""Stage 3: a training run. Flags (`arguments`, `parsing`) -> parts built from them (`build`) -> the run top to
+bottom (`run`) on the `Trainer` subclass (`trainer`) with its callbacks (`callbacks`, `preemption`), crash-safe
+checkpoints (`checkpoints`), one run per output_dir (`run_lock`) and multi-process decisions (`distributed`)."""

@@ -1,0 +1,112 @@
+"""From parsed arguments to the run's parts: the processor, and the model to train (frozen per component, or
+wrapped with LoRA adapters on a base whose LM may be quantized)."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import torch
+from peft import PeftModel
+from transformers import ProcessorMixin
+
+from llava.model.building import assemble_llava, load_llava
+from llava.model.components import set_trainable
+from llava.model.hub_format import save_processor
+from llava.model.lora import add_adapters
+from llava.model.mlp_recompute import recompute_mlp_activations
+from llava.model.modeling import LlavaForConditionalGeneration
+from llava.model.processor import build_processor, image_token_count, load_processor
+from llava.model.quantization import quantization_config
+from llava.training.arguments import LlavaTrainingArguments, LoraArguments, ModelArguments, ProcessorArguments
+
+BASE_SUBFOLDER = "base_model"  # where a LoRA run assembled from parts keeps the base its adapters need
+
+
+def processor_for(args: ProcessorArguments) -> ProcessorMixin:
+    """The processor of the checkpoint being continued, or a new one for a model assembled from parts."""
+    if not args.assembles_new_model:
+        return load_processor(args.model_name_or_path, chat_template=args.chat_template,
+                              trust_remote_code=args.trust_remote_code)
+    return build_processor(
+        args.vision_model_name_or_path, args.language_model_name_or_path, image_token=args.image_token,
+        chat_template=args.chat_template, image_aspect_ratio=args.image_aspect_ratio,
+        vision_feature_layer=args.vision_feature_layer,
+        vision_feature_select_strategy=args.vision_feature_select_strategy, trust_remote_code=args.trust_remote_code)
+
+
+def base_model_for(args: ModelArguments, processor: ProcessorMixin, tokens_per_image: int | None = None
+                   ) -> LlavaForConditionalGeneration:
+    """The LLaVA checkpoint being continued, or a new one assembled from parts (full precision, all trainable).
+
+    `tokens_per_image` is the processor's `image_token_count`, computed here when not given."""
+    if not args.assembles_new_model:
+        return load_llava(args.model_name_or_path, **args.load_kwargs)
+    if tokens_per_image is None:
+        tokens_per_image = image_token_count(processor)
+    return assemble_llava(args.vision_model_name_or_path, args.language_model_name_or_path, processor,
+                          tokens_per_image, vision_feature_layer=args.vision_feature_layer,
+                          projector_hidden_act=args.projector_hidden_act, **args.load_kwargs)
+
+
+def model_for_training(model_args: ModelArguments, lora_args: LoraArguments, training_args: LlavaTrainingArguments,
+                       processor: ProcessorMixin, tokens_per_image: int) -> torch.nn.Module:
+    """The model to train: full weights frozen per component, or (--lora_enable) a frozen base, its LM quantized
+    with --load_in_4bit/8bit, carrying adapters next to the fully trained unfrozen components."""
+    if lora_args.lora_enable:
+        model = lora_model(model_args, lora_args, training_args, processor, tokens_per_image)
+    else:
+        model = base_model_for(model_args, processor, tokens_per_image)
+        set_trainable(model, vision_tower=not training_args.freeze_vision_model,
+                      projector=not training_args.freeze_projector,
+                      language_model=not training_args.freeze_language_model)
+    # --gradient_checkpointing: the Trainer switches it on, through `LlavaForConditionalGeneration`'s overrides
+    # (only the LM's embeddings made to require grad; a frozen tower is not checkpointed).
+    if training_args.recompute_mlp_activations and not (
+            training_args.gradient_checkpointing or lora_args.lora_enable or training_args.freeze_language_model):
+        recompute_mlp_activations(model.model.language_model)
+    return model
+
+
+def add_lora(model: LlavaForConditionalGeneration, lora_args: LoraArguments,
+             training_args: LlavaTrainingArguments) -> PeftModel:
+    """`model` with the adapters the flags ask for (`llava.model.lora.add_adapters`)."""
+    return add_adapters(model, lora_args.lora_targets, r=lora_args.lora_r, alpha=lora_args.lora_alpha,
+                        dropout=lora_args.lora_dropout, train_projector=not training_args.freeze_projector,
+                        train_vision_tower=not training_args.freeze_vision_model)
+
+
+def training_dtype(args: LlavaTrainingArguments) -> torch.dtype:
+    """What quantized layers compute in: the mixed-precision dtype of --bf16/--fp16, else float32."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def lora_model(model_args: ModelArguments, lora_args: LoraArguments, training_args: LlavaTrainingArguments,
+               processor: ProcessorMixin, tokens_per_image: int) -> PeftModel:
+    """The base LLaVA (LM quantized for QLoRA) wrapped with adapters, ready for `LlavaTrainer`.
+
+    Adapter checkpoints name their base by path, so the base must exist on disk in full precision: a model
+    assembled from parts is first saved to `<output_dir>/base_model` (for QLoRA then reloaded from there
+    quantized; the full-precision copy is freed before the quantized one loads).
+    """
+    quantization = None
+    if model_args.quantized:
+        quantization = quantization_config(4 if model_args.load_in_4bit else 8, training_dtype(training_args),
+                                           model_args.bnb_4bit_quant_type, model_args.bnb_4bit_use_double_quant)
+    if model_args.assembles_new_model:
+        base_path = os.path.join(training_args.output_dir, BASE_SUBFOLDER)
+        model = base_model_for(model_args, processor, tokens_per_image)
+        with training_args.main_process_first(desc="saving the base model for the adapters"):
+            if training_args.should_save:
+                model.save_pretrained(base_path)
+                save_processor(processor, base_path)
+        if quantization is not None:
+            del model
+            gc.collect()
+            model = load_llava(base_path, **model_args.load_kwargs, quantization=quantization)
+    else:
+        base_path = model_args.model_name_or_path
+        model = load_llava(base_path, **model_args.load_kwargs, quantization=quantization)
+    if os.path.isdir(base_path):  # an absolute path keeps the checkpoints loadable from any working directory
+        model.name_or_path = model.config.name_or_path = os.path.abspath(base_path)
+    return add_lora(model, lora_args, training_args)

@@ -1,0 +1,244 @@
+"""`LlavaTrainer`: a thin `transformers.Trainer` subclass; what it adds is listed in its docstring."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from llava.data.dataset import LlavaDataset
+from llava.data.packing import PlannedDataset
+from llava.model.components import components, parameter_table
+from llava.model.final_output import prepare_staging, publish_final_output, staging_folder
+from llava.model.hub_format import find_end_of_turn_ids, load_saved_weights, make_processor_files_portable
+from llava.training.arguments import LlavaTrainingArguments
+from llava.training.checkpoints import begin_save, latest_complete_checkpoint, mark_complete, rotate_checkpoints
+from llava.training.preemption import PreemptionCallback, ignoring_sigterm
+from llava.utils.files import write_json_atomically
+
+TRAINING_ARGS_JSON = "training_args.json"
+
+logger = logging.getLogger(__name__)
+
+
+class LlavaTrainer(Trainer):
+    """`Trainer` for LLaVA models (plain or wrapped with peft adapters).
+
+    - Needs the processor as `processing_class`: the Trainer then writes it into every checkpoint-N and the
+      final output, so each one loads with `AutoProcessor.from_pretrained` beside the weights.
+    - Logs the per-component parameter table when training starts, so what trains is never a surprise.
+    - Optimizer parameter groups per component (`--projector_lr`, `--vision_lr`), see `parameter_groups`.
+    - Resuming a full-weight checkpoint restores every weight (see `_load_from_checkpoint`).
+    - Crash-safe checkpoints: a checkpoint-N counts only once complete (see `_save_checkpoint` and
+      `llava.training.checkpoints`, whose `resolve_resume_checkpoint` says which one a run resumes); the final
+      output is published atomically (`save_final_output`).
+    - SIGTERM saves a checkpoint at the next step boundary and stops training; `preempted` then says so. Dataloader
+      workers ignore it, so a signal to the whole process group still gets its checkpoint.
+    - Writes training arguments as JSON (`training_args.json`) instead of transformers' pickled training_args.bin.
+    - Writes `checkpoint_records` (file name -> JSON value, e.g. the data mixture) into every checkpoint-N before
+      it is marked complete, so a complete checkpoint always has them.
+    """
+
+    def __init__(self, *args, processing_class=None, **kwargs):
+        if processing_class is None:
+            raise ValueError("LlavaTrainer needs processing_class=<the LlavaProcessor>, so checkpoints are complete.")
+        super().__init__(*args, processing_class=processing_class, **kwargs)
+        self._deferred_save_total_limit: int | None = None  # set while `_rotation_deferred` holds the user's value
+        self.checkpoint_records: dict[str, object] = {}
+        self.preemption = PreemptionCallback(self._any_process)
+        self.add_callback(self.preemption)
+
+    @property
+    def preempted(self) -> bool:
+        """True when training stopped early because of SIGTERM (after saving a checkpoint)."""
+        return self.preemption.preempted
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """`Trainer.train` from the checkpoint folder `resume_from_checkpoint` (None: from the start), after logging
+        what trains. `llava.training.run` decides the folder once, for every process
+        (`llava.training.checkpoints.resolve_resume_checkpoint`)."""
+        if self.is_world_process_zero():
+            logger.info("Parameters per component:\n%s", parameter_table(self.model))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial) -> tuple[int, int]:
+        """Trainer's (epochs trained, steps trained in the current epoch) after restoring a checkpoint; all epochs
+        when the checkpoint already reached `max_steps`.
+
+        Why: rerunning a finished command (e.g. after a crash in the final save) resumes from its last checkpoint,
+        and Trainer would run one more step before checking max_steps whenever max_steps does not end an epoch.
+        """
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
+        if self.state.global_step >= max_steps:
+            return num_train_epochs, 0
+        return epochs_trained, steps_trained
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial) -> None:
+        """Trainer's checkpoint save, made crash-safe: the folder is marked complete only after every process has
+        written its part, and old checkpoints are rotated (`--save_total_limit`) only after that.
+
+        A folder of ours at this step (left by a save that was killed) is deleted first, so stale files never mix
+        in; a foreign one is moved aside (`begin_save`). A full disk is reported as such, naming the folder.
+        """
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            begin_save(folder)
+        self.accelerator.wait_for_everyone()  # no process writes into the folder while it is being deleted
+        limit = self.args.save_total_limit
+        try:
+            with self._rotation_deferred():
+                super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as error:
+            if not _out_of_space(error):
+                raise
+            raise OSError(errno.ENOSPC, f"No space left on device while saving {folder} ({error}). That folder is "
+                          "incomplete and will not be resumed from; the previous checkpoint, "
+                          f"{latest_complete_checkpoint(os.path.dirname(folder)) or 'none'}, is kept. Free space "
+                          "(or lower --save_total_limit) and rerun with --resume_from_checkpoint True.") from error
+        self.accelerator.wait_for_everyone()  # every process has written its files
+        if self.args.should_save:
+            for name, value in self.checkpoint_records.items():
+                write_json_atomically(os.path.join(folder, name), value)
+            mark_complete(folder, self.state.global_step)
+            rotate_checkpoints(os.path.dirname(folder), limit, newest=folder,
+                               protected=self.state.best_model_checkpoint)
+
+    @contextlib.contextmanager
+    def _rotation_deferred(self) -> Iterator[None]:
+        """Switch off the rotation inside `Trainer._save_checkpoint`: it would delete old checkpoints while the new
+        one is still incomplete (and count incomplete leftovers as checkpoints). `_save_checkpoint` rotates after."""
+        self._deferred_save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            yield
+        finally:
+            self.args.save_total_limit, self._deferred_save_total_limit = self._deferred_save_total_limit, None
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Trainer's save of weights (llava-hf names, see `LlavaForConditionalGeneration.save_pretrained`), config
+        and processor, the processor files completed by `make_processor_files_portable` so transformers 4.x and serving stacks read it too,
+        with the training arguments as JSON: transformers pickles them to training_args.bin, and nothing we write
+        should need unpickling to read."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            make_processor_files_portable(self.processing_class, output_dir, self._end_of_turn_ids)
+            values = self.args.to_dict()
+            if self._deferred_save_total_limit is not None:
+                values["save_total_limit"] = self._deferred_save_total_limit
+            with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+                json.dump(values, f, indent=2, sort_keys=True)
+            os.remove(os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    @functools.cached_property
+    def _end_of_turn_ids(self) -> list[int]:
+        """What generation stops at in every saved generation config: found from the chat template once per run."""
+        return find_end_of_turn_ids(self.processing_class)
+
+    def save_final_output(self, write: Callable[[str], None]) -> None:
+        """Write the run's final output atomically: `write(folder)` saves it into a staging folder inside
+        output_dir (with the trainer state), which `publish_final_output` then moves into place (see
+        `llava.model.final_output`). Every process calls this (saving may gather weights from all of them)."""
+        output_dir = self.args.output_dir
+        if self.args.should_save:
+            staging = prepare_staging(output_dir)
+            self.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        write(staging_folder(output_dir))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_final_output(output_dir)
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """Trainer's dataloader, whose worker processes ignore SIGTERM: a scheduler signals the whole process
+        group, and a worker dying of it would kill the run before the main process saves its checkpoint."""
+        dataloader = super().get_train_dataloader()
+        loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate's adapter wraps the DataLoader
+        loader.worker_init_fn = ignoring_sigterm(loader.worker_init_fn)
+        return dataloader
+
+    def _any_process(self, flag: bool) -> bool:
+        """True if `flag` is True on any process of the run (every process must call this at the same point)."""
+        if self.args.world_size <= 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.args.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Load checkpoint-N's full weights into the model being trained, strictly (`load_saved_weights`), or
+        through `from_pretrained` for saved layouts that are not a renaming of the model's weights.
+
+        Why: Trainer loads them with a raw `load_state_dict`, but checkpoints hold the llava-hf names
+        (`language_model.model.*`), or earlier saves' names, that it does not map back. The raw load misses every
+        LM weight, merely warns, and the run resumes from the LM it started with (transformers #43701).
+        Adapter checkpoints (peft models), FSDP and DeepSpeed go through Trainer's own loading.
+        """
+        target = self.model if model is None else model
+        if not isinstance(target, PreTrainedModel) or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not load_saved_weights(target, resume_from_checkpoint):
+            saved = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+            target.load_state_dict(saved.state_dict())  # strict: a missing or renamed weight fails
+
+    def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
+        """Trainer's sampler, except that length grouping reads the lengths the dataset already knows (samples', or
+        planned rows' and batches', see `llava.data.packing`): upstream would fetch every item to measure it, decoding
+        every image once before the first step."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        known_lengths = isinstance(dataset, (LlavaDataset, PlannedDataset))
+        if self.args.train_sampling_strategy == "group_by_length" and known_lengths:
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    def get_optimizer_cls_and_kwargs(self, args: LlavaTrainingArguments, model: torch.nn.Module | None = None):
+        """Trainer's optimizer choice (--optim), with our parameter groups: `create_optimizer` takes
+        `kwargs["params"]` in place of its own two groups. Optimizers that bring their own groups keep them."""
+        optimizer_cls, optimizer_kwargs = super().get_optimizer_cls_and_kwargs(args, model)
+        if model is not None and not {"params", "model", "optimizer_dict"} & optimizer_kwargs.keys():
+            optimizer_kwargs["params"] = parameter_groups(model, args, set(self.get_decay_parameter_names(model)))
+        return optimizer_cls, optimizer_kwargs
+
+
+def _out_of_space(error: Exception) -> bool:
+    """Whether a save failed for a full disk: ENOSPC, or torch's zip writer's way of saying so ("unexpected pos")."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return "unexpected pos" in str(error) or "No space left on device" in str(error)
+
+
+def parameter_groups(model: torch.nn.Module, args: LlavaTrainingArguments, decay_names: set[str]) -> list[dict]:
+    """Trainable parameters grouped by (component, weight decay or not).
+
+    The projector learns at `args.projector_lr` and the vision tower (its adapters included) at `args.vision_lr`,
+    each defaulting to `args.learning_rate`; everything else (the LM or its adapters, lm_head) at
+    `args.learning_rate`. Parameters outside `decay_names` (biases and norms) get no weight decay. Each group
+    carries a "name" for logs and tests.
+    """
+    rates = {"projector": args.projector_lr, "vision_tower": args.vision_lr}
+    component_of = {id(p): name for name, module in components(model).items() if name in rates
+                    for p in module.parameters()}
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        component = component_of.get(id(param), "language_model")
+        decay = name in decay_names
+        key = component if decay else f"{component}/no_decay"
+        lr = rates.get(component)
+        group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": args.weight_decay if decay else 0.0,
+                                        "lr": args.learning_rate if lr is None else lr})
+        group["params"].append(param)
+    return list(groups.values())

@@ -1,0 +1,1 @@
+"""Helpers with no stage of their own: every stage may import them, and they import nothing else of ours."""

@@ -1,0 +1,56 @@
+"""What a user of another stack does with an output folder, run under whichever transformers imports here.
+
+    python tests/helpers/portable_consumer.py SPEC.json RESULT.pt
+
+SPEC: {"folders": [...], "image": PNG path, "question": text, "attn_implementation": optional, "processor_only":
+optional (then only `preprocess`). For each folder: load the model with plain
+transformers (`output_loading_info`), build the prompt with the processor's chat template, and record the loading
+info, input ids and logits. Uses nothing of train_llava, so it runs in the transformers 4.57 venv of test_portable.
+"""
+
+import json
+import sys
+
+import torch
+import transformers
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+
+def preprocess(folder: str, image: Image.Image) -> dict:
+    """What the folder's processor makes of an image and one placeholder: class, pixel values, input ids."""
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(text=processor.image_token + "\nHi", images=[image], return_tensors="pt")
+    return {"image_processor": type(processor.image_processor).__name__.removesuffix("Pil"),
+            "pixel_values": inputs["pixel_values"], "input_ids": inputs["input_ids"]}
+
+
+def consume(folder: str, image: Image.Image, question: str, attn_implementation: str | None = None) -> dict:
+    model, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True,
+                                                                attn_implementation=attn_implementation)
+    processor = AutoProcessor.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[image], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    return {"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
+            "input_ids": inputs["input_ids"], "logits": logits, "tied": model.lm_head.weight is
+            model.get_input_embeddings().weight}
+
+
+def main(spec_path: str, result_path: str) -> None:
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    image = Image.open(spec["image"]).convert("RGB")
+    if spec.get("processor_only"):
+        results = {folder: preprocess(folder, image) for folder in spec["folders"]}
+    else:
+        results = {folder: consume(folder, image, spec["question"], spec.get("attn_implementation"))
+                   for folder in spec["folders"]}
+    torch.save({"transformers": transformers.__version__, "torch": torch.__version__, "results": results},
+               result_path)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

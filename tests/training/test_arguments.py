@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from llava.training.parsing import parse_args
+
+PARTS = ["--vision_model_name_or_path", "V", "--language_model_name_or_path", "L"]
+DATA = ["--data_path", "a.json,b.jsonl", "--output_dir", "out"]
+
+
+def test_parts_and_stage_flags_parse():
+    model_args, data_args, _, training_args = parse_args(
+        PARTS + DATA + ["--freeze_vision_model", "True", "--freeze_language_model", "True", "--learning_rate", "1e-3"])
+    assert model_args.assembles_new_model
+    assert data_args.data_path == "a.json,b.jsonl"
+    assert training_args.freeze_language_model and training_args.freeze_vision_model
+    assert not training_args.freeze_projector
+    assert training_args.learning_rate == 1e-3
+    assert training_args.report_to == ["tensorboard"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model_name_or_path", "M"] + PARTS + DATA, "not both"),
+    (["--vision_model_name_or_path", "V"] + DATA, "No model given"),
+    (DATA, "No model given"),
+    (PARTS + ["--output_dir", "out"], "--data_path is required"),
+    (PARTS + DATA + ["--freeze_vision_model", "True", "--freeze_projector", "True", "--freeze_language_model", "True"],
+     "Every component is frozen"),
+    (PARTS + DATA + ["--eval_strategy", "steps"], "trains without an evaluation set.*llava.evaluate"),
+    (PARTS + DATA + ["--eval_strategy", "steps", "--save_strategy", "steps", "--load_best_model_at_end", "True"],
+     "nothing to evaluate or pick a best checkpoint by"),
+])
+def test_conflicting_flags_fail_with_the_fix(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv)
+
+
+def test_unknown_choice_is_refused():
+    with pytest.raises(SystemExit):
+        parse_args(PARTS + DATA + ["--vision_feature_select_strategy", "cls"])
+
+
+def test_single_config_file(tmp_path):
+    config = {"model_name_or_path": "M", "data_path": "d.json", "output_dir": "o", "freeze_language_model": True}
+    json_path = tmp_path / "stage.json"
+    json_path.write_text(json.dumps(config))
+    yaml_path = tmp_path / "stage.yaml"
+    yaml_path.write_text("\n".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in config.items()))
+    for path in (json_path, yaml_path):
+        model_args, data_args, _, training_args = parse_args([str(path)])
+        assert model_args.model_name_or_path == "M" and training_args.freeze_language_model
+
+
+@pytest.mark.parametrize("flags, find_unused", [
+    ([], False),  # every trainable weight is used at every step
+    (["--freeze_vision_model", "False"], True),  # the tower's layers after --vision_feature_layer are not
+    (["--ddp_find_unused_parameters", "True"], True),
+])
+def test_ddp_searches_unused_parameters_only_when_the_tower_trains(flags, find_unused):
+    assert parse_args(PARTS + DATA + flags).training.ddp_find_unused_parameters is find_unused
+
+
+def test_fsdp_on_cpu_warns_that_it_runs_ddp(caplog):
+    parse_args(PARTS + DATA + ["--use_cpu", "True", "--fsdp", "full_shard auto_wrap"])
+    assert "FSDP is ignored on CPU" in caplog.text

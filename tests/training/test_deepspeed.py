@@ -1,0 +1,89 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 with two processes on CPU (DeepSpeed's CPU accelerator over gloo), launched as
+users do: `torchrun --nproc_per_node 2 train_llava.py ... --deepspeed configs/deepspeed_zero{2,3}.json`. Stage 1
+from separate parts, stage 2 on data mixing text-only and image samples (at batch 1 per process, steps where one
+process has an image and the other none), saves, a resume, and every output loaded by plain transformers."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration as PlainLlava
+
+from tests.helpers.distributed import (TORCHRUN, assert_complete_two_process_checkpoints, launch, stage2_flags,
+                                       trainer_state)
+from tests.helpers.outputs import assert_loads_and_generates
+from tests.helpers.portable import HUB_PREFIXES, tensor_names
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                                   reason="deepspeed is not installed")]
+
+CONFIG = {stage: f"configs/deepspeed_zero{stage}.json" for stage in (2, 3)}
+
+
+def assert_plain_transformers_loads_all(path):
+    """llava-hf names on disk, and plain transformers finds a place for every tensor and a tensor for every weight."""
+    assert all(name.startswith(HUB_PREFIXES) for name in tensor_names(path)), tensor_names(path)[:5]
+    _, info = PlainLlava.from_pretrained(path, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    assert_loads_and_generates(path)
+
+
+def losses(path):
+    return [entry["loss"] for entry in trainer_state(path)["log_history"] if "loss" in entry]
+
+
+def test_zero3_stage1_from_parts(parts, tmp_path):
+    """The LLaVA is assembled on the meta device under an active ZeRO-3 config; DeepSpeed partitions it after."""
+    out = tmp_path / "stage1"
+    rc, log = launch(TORCHRUN, "train_llava.py", [
+        "--vision_model_name_or_path", parts["vision"], "--language_model_name_or_path", parts["lm"],
+        "--data_path", parts["data"], "--image_folder", parts["images"], "--freeze_language_model", "True",
+        "--output_dir", str(out), "--per_device_train_batch_size", "1", "--max_steps", "4", "--save_steps", "2",
+        "--logging_steps", "1", "--learning_rate", "1e-2", "--report_to", "none", "--deepspeed", CONFIG[3]],
+        tmp_path / "stage1.log")
+    assert rc == 0, log[-4000:]
+    assert "DeepSpeed on its CPU accelerator over gloo" in log
+    assert trainer_state(str(out))["epoch"] == pytest.approx(4 / 3, abs=0.01)  # one run over both processes
+    assert_complete_two_process_checkpoints(str(out), [2, 4])
+    assert_plain_transformers_loads_all(str(out))
+    trained, untrained = PlainLlava.from_pretrained(str(out)), PlainLlava.from_pretrained(str(out / "checkpoint-2"))
+    assert not torch.equal(trained.model.multi_modal_projector.linear_1.weight,
+                           untrained.model.multi_modal_projector.linear_1.weight)
+
+
+@pytest.fixture(scope="module")
+def zero2_losses(parts, llava_checkpoint, tmp_path_factory):
+    """Stage 2 under ZeRO-2 (weights replicated): the reference for ZeRO-3's losses."""
+    tmp_path = tmp_path_factory.mktemp("zero2")
+    out = tmp_path / "out"
+    rc, log = launch(TORCHRUN, "train_llava.py", stage2_flags(parts, llava_checkpoint, out, "--max_steps", "4",
+                                                               "--report_to", "none", "--deepspeed", CONFIG[2]),
+                     tmp_path / "zero2.log")
+    assert rc == 0, log[-4000:]
+    assert_complete_two_process_checkpoints(str(out), [2, 4])
+    assert_plain_transformers_loads_all(str(out))
+    return losses(str(out))
+
+
+def test_zero3_stage2_on_mixed_data_saves_resumes_and_matches_zero2(parts, llava_checkpoint, tmp_path, zero2_losses):
+    """Every step runs embed -> tower + projector -> merge -> LM on both processes, image batch or not, so ZeRO-3's
+    parameter fetches stay in step; its losses equal ZeRO-2's. The parameter table shows full sizes, not shards."""
+    out = tmp_path / "zero3"
+    flags = ["--report_to", "none", "--deepspeed", CONFIG[3]]
+    rc, log = launch(TORCHRUN, "train_llava.py", stage2_flags(parts, llava_checkpoint, out, "--max_steps", "4", *flags),
+                     tmp_path / "zero3.log")
+    assert rc == 0, log[-4000:]
+    table = log.split("Parameters per component:\n")[1].split("\n")[1:6]  # 4 components and the total
+    assert [row.split()[0] for row in table] == ["vision_tower", "projector", "language_model", "lm_head", "total"]
+    assert all(int(row.split()[-2].replace(",", "")) > 0 for row in table), table  # full sizes, not ZeRO-3's shards
+    torch.testing.assert_close(losses(str(out)), zero2_losses, rtol=1e-4, atol=1e-4)
+    assert_complete_two_process_checkpoints(str(out), [2, 4])
+    assert os.path.isdir(out / "checkpoint-4" / "global_step4")  # DeepSpeed's own resume state
+    assert_plain_transformers_loads_all(str(out / "checkpoint-4"))
+    rc, log = launch(TORCHRUN, "train_llava.py", stage2_flags(parts, llava_checkpoint, out, "--max_steps", "6", *flags),
+                     tmp_path / "zero3_resumed.log")
+    assert rc == 0, log[-4000:]
+    assert f"resuming from {out / 'checkpoint-4'}" in log
+    assert trainer_state(str(out))["global_step"] == 6
+    assert_plain_transformers_loads_all(str(out))
