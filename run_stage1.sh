@@ -25,12 +25,11 @@ flags=(
   --data_path data/easy_vqa/stage1_captions.json   # one short caption per train image: "A red circle."
   # The demo's tower is pretrained (llava.demo.pretrain_vision), so it stays fixed, as LLaVA-1.5 keeps CLIP.
   # Set False when the tower is random or weak for your images: it then learns with the projector
-  # (at --vision_lr, gentler than the projector's rate).
+  # (add --vision_lr 1e-4, gentler than the projector's rate; a rate for a frozen part is refused).
   --freeze_vision_model True
   --freeze_language_model True                     # stage 1: the LM stays as it is
   --freeze_projector False
   --learning_rate 1e-3                             # LLaVA-1.5 stage 1
-  --vision_lr 1e-4                                 # used only with --freeze_vision_model False
   --warmup_steps 0.03 --lr_scheduler_type cosine --weight_decay 0
   --per_device_train_batch_size 16
   --max_steps "${DEMO_STAGE1_STEPS:-60}"           # the demo's budget: 60 x 16 = 960 captions (~4 min on 2 cores)

@@ -16,12 +16,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
 from llava.data.images import load_image, resolve_image_path
 from llava.data.records import load_samples
 from llava.data.types import Sample
 from llava.model.inference import Answerer, InferenceArguments, load_for_inference
+from llava.reporting import run_command
+from llava.training.parsing import parse_flags
 
 
 def normalize(answer: str) -> str:
@@ -79,7 +80,7 @@ class EvaluateArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, args = HfArgumentParser((InferenceArguments, EvaluateArguments)).parse_args_into_dataclasses(argv)
+    model_args, args = parse_flags((InferenceArguments, EvaluateArguments), argv)
     samples = evaluation_samples(args.data_path, args.max_samples)
     model, processor = load_for_inference(model_args.model_name_or_path, model_args.dtype)
     result = evaluate(Answerer(model, processor, args.max_new_tokens), samples, args.image_folder, args.batch_size,
@@ -89,4 +90,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

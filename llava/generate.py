@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
 from llava.data.images import load_image
 from llava.data.types import Message
 from llava.model.inference import Answerer, InferenceArguments, load_for_inference
+from llava.reporting import run_command
+from llava.training.parsing import parse_flags
 
 
 @dataclass
@@ -22,7 +22,7 @@ class GenerateArguments:
 
 
 def main(argv: list[str] | None = None) -> str:
-    model_args, args = HfArgumentParser((InferenceArguments, GenerateArguments)).parse_args_into_dataclasses(argv)
+    model_args, args = parse_flags((InferenceArguments, GenerateArguments), argv)
     model, processor = load_for_inference(model_args.model_name_or_path, model_args.dtype)
     images = [load_image(args.image, model_args.max_image_pixels)] if args.image else []
     content = (f"{processor.image_token}\n" if images else "") + args.prompt
@@ -33,4 +33,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from dataclasses import dataclass, field
-
-from transformers import HfArgumentParser
 
 from llava.data.encoder import ConversationEncoder
 from llava.data.mixture import read_mixture
 from llava.data.records import load_samples
 from llava.data.types import IGNORE_INDEX
 from llava.model.processor import image_token_count
+from llava.reporting import run_command
 from llava.training.arguments import DataSourceArguments, ProcessorArguments
 from llava.training.build import processor_for
+from llava.training.parsing import parse_flags
 
 TRAIN_OPEN, TRAIN_CLOSE = "[[", "]]"
 
@@ -47,8 +46,8 @@ def render_marked(tokenizer, input_ids: list[int], labels: list[int], image_toke
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ProcessorArguments, DataSourceArguments, InspectArguments))
-    model_args, data_args, inspect_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, inspect_args = parse_flags((ProcessorArguments, DataSourceArguments, InspectArguments),
+                                                      argv)
     mixture = read_mixture(data_args.data_path, data_args.image_folder)
     processor = processor_for(model_args)
     encoder = ConversationEncoder(processor, data_args.model_max_length, image_token_count(processor))
@@ -68,4 +67,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command(main)

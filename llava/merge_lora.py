@@ -17,11 +17,12 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser
 
 from llava.model.hub_format import save_processor
 from llava.model.lora import load_merged_model
+from llava.reporting import run_command
 from llava.training.arguments import DTYPE_CHOICES
+from llava.training.parsing import parse_flags
 
 logger = logging.getLogger("llava")
 
@@ -42,7 +43,7 @@ class MergeArguments:
 
 def main(argv: list[str] | None = None) -> str:
     """Merge and save; returns the output folder."""
-    (args,) = HfArgumentParser(MergeArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_flags((MergeArguments,), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         stream=sys.stdout)
     model, processor = load_merged_model(args.checkpoint, getattr(torch, args.dtype), args.base_model_name_or_path)
@@ -53,4 +54,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -9,6 +9,7 @@ import sys
 from transformers import TrainerCallback
 
 from llava.data.mixture import read_mixture
+from llava.reporting import run_command
 from llava.training.parsing import parse_args
 from llava.training.run import train
 from llava.training.run_lock import run_lock
@@ -30,4 +31,4 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -16,17 +16,16 @@ Only the processor is loaded (tokenizer, chat template, image token count), neve
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-
-from transformers import HfArgumentParser
 
 from llava.data.checking import prepare_samples
 from llava.data.images import image_readers
 from llava.data.mixture import mixture_table, read_mixture, select
 from llava.model.processor import image_token_count
+from llava.reporting import run_command
 from llava.training.arguments import DataSourceArguments, ProcessorArguments
 from llava.training.build import processor_for
+from llava.training.parsing import parse_flags
 
 
 @dataclass
@@ -35,22 +34,32 @@ class ValidateArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser((ProcessorArguments, DataSourceArguments, ValidateArguments))
-    model_args, data_args, validate_args = parser.parse_args_into_dataclasses(args=argv)
+    """Check and report; 1 when anything is wrong that training would refuse (invalid samples, no samples, a
+    mixture that selects none), else 0. Bad flags and unreadable data files raise (one line, see `run_command`)."""
+    model_args, data_args, validate_args = parse_flags(
+        (ProcessorArguments, DataSourceArguments, ValidateArguments), argv)
     mixture = read_mixture(data_args.data_path, data_args.image_folder)
     processor = processor_for(model_args)
     images = image_readers(mixture.paths, mixture.image_folders, data_args.allow_absolute_image_paths)
+    decode = data_args.decode_images is not False  # full decode unless --decode_images False
     result = prepare_samples(mixture.paths, processor, data_args.model_max_length, image_token_count(processor),
-                             images, validate_args.num_workers)
+                             images, validate_args.num_workers, decode_images=decode)
     if result.problems or result.warnings:
         print(result.report())
+    selection = select(mixture, result.samples, seed=0)
     if any(source.amount for source in mixture.sources):
-        print(mixture_table(mixture, select(mixture, result.samples, seed=0)))
+        print(mixture_table(mixture, selection))
     if result.problems:
+        return 1
+    if not result.samples:
+        print(f"no samples in {', '.join(mixture.paths)}: training would refuse this data.")
+        return 1
+    if not len(selection.indices):
+        print("the data mixture selects no samples: training would refuse it; raise the amounts.")
         return 1
     print(f"all {result.num_records} samples valid")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -35,8 +35,31 @@ def stage1(parts, tmp_path_factory):
          "--language_model_name_or_path", parts["lm"], "--data_path", parts["data"], "--image_folder", parts["images"],
          "--freeze_vision_model", "True", "--freeze_language_model", "True", "--output_dir", out, *COMMON,
          "--sample_data_path", parts["data"], "--num_logged_samples", "2"],
-        cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=lambda: os.umask(UMASK))
     return out
+
+
+UMASK = 0o027  # group-readable, others nothing: a group-shared output folder
+
+
+def modes(folder: str) -> dict[str, int]:
+    """Permission bits of everything under `folder`, by path relative to it."""
+    found = {}
+    for root, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = os.stat(path).st_mode & 0o777
+    return found
+
+
+def test_every_output_file_follows_the_umask_and_no_lock_is_left(stage1):
+    """Weights too (safetensors writes them 0600): a serving job of the folder's group must read them."""
+    found = modes(stage1)
+    assert "model.safetensors" in found and "checkpoint-2/model.safetensors" in found
+    wrong = {path: oct(mode) for path, mode in found.items()
+             if mode != (0o777 if os.path.isdir(os.path.join(stage1, path)) else 0o666) & ~UMASK}
+    assert wrong == {}
+    assert "train_llava.lock" not in found
 
 
 def test_stage1_trains_only_the_projector(parts, stage1):

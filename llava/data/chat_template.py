@@ -18,7 +18,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from llava.data.types import DataError, Message
+from llava.data.types import ConfigurationError, DataError, Message
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ChatTemplate:
         self.image_token = image_token
         self.model_name = tokenizer.name_or_path or "this model"
         if not template:
-            raise ValueError(f"The processor of {self.model_name} has no chat template; pass one with "
+            raise ConfigurationError(f"The processor of {self.model_name} has no chat template; pass one with "
                              "--chat_template when assembling the model.")
         # Control tokens (turn markers, eos) the tokenizer would read out of text; the image token is meant to be.
         self.special_tokens = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()
@@ -76,7 +76,10 @@ class ChatTemplate:
             logger.warning("The chat template of %s cannot render a system turn: each conversation's system text is "
                            "put at the start of its first user turn.", self.model_name)
         self.appends_end_of_turn = False  # set by `_end_of_turn` for templates that write none
-        self.end_of_turn = self._end_of_turn()
+        try:
+            self.end_of_turn = self._end_of_turn()
+        except TemplateTimeout as error:
+            raise self._stuck(error) from None
 
     def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         """The chat template's text for `messages`, image placeholders left in place."""
@@ -116,6 +119,8 @@ class ChatTemplate:
             self._compiled_template, self._template_variables = compiled, variables
             if all(self._render([m.content for m in p], self._fold_system(p), g) == text for text, p, g in expected):
                 return
+        except TemplateTimeout as error:
+            raise self._stuck(error) from None
         except Exception:  # noqa: BLE001 - templates that reject a probe keep the wrapper
             pass
         self._compiled_template = None
@@ -134,8 +139,11 @@ class ChatTemplate:
         """True for LM-style templates (and ours); llava-hf templates want [{"type": ...}] content instead."""
         probe = f"probe{self.image_token}text"
         try:
-            return probe in self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": probe}], chat_template=self.template, tokenize=False)
+            with _time_limit(self.render_time_limit):
+                return probe in self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": probe}], chat_template=self.template, tokenize=False)
+        except TemplateTimeout as error:
+            raise self._stuck(error) from None
         except Exception:  # noqa: BLE001 - a template that fails on strings expects structured content
             return False
 
@@ -144,8 +152,15 @@ class ChatTemplate:
         probe = [Message("system", _SYSTEM_PROBE), Message("user", "Hi"), Message("assistant", "Hello", True)]
         try:
             return _SYSTEM_PROBE in self._render([m.content for m in probe], probe, add_generation_prompt=False)
+        except TemplateTimeout as error:
+            raise self._stuck(error) from None
         except Exception:  # noqa: BLE001 - jinja's raise_exception, or a template that indexes roles
             return False
+
+    def _stuck(self, error: TemplateTimeout) -> DataError:
+        """The error for a template that does not finish rendering a probe conversation (before any sample):
+        every run would hang there, with the token cache's lock held."""
+        return DataError(f"The chat template of {self.model_name}: {error}", kind=error.kind)
 
     def _structured(self, text: str) -> list[dict]:
         pieces = text.split(self.image_token)
@@ -236,7 +251,7 @@ class ChatTemplate:
         if common:
             return "".join(common)
         if not self.tokenizer.eos_token:
-            raise ValueError(
+            raise ConfigurationError(
                 f"The chat template of {self.model_name} puts no special token right after an assistant answer and "
                 "the tokenizer has no eos token, so a model trained on it would never learn to stop. Pass a "
                 "--chat_template that ends each assistant turn with an end-of-turn token.")

@@ -31,9 +31,10 @@ class SampleChecker:
     """Tokenizes one sample and checks its turns and images; returns (encoded, None, warnings) or
     (None, DataError, [])."""
 
-    def __init__(self, encoder: ConversationEncoder, images: list[ImageReader]):
+    def __init__(self, encoder: ConversationEncoder, images: list[ImageReader], decode_images: bool = False):
         self.encoder = encoder
         self.images = images  # one per data file: `sample.source` picks it
+        self.decode_images = decode_images
         self._checked_images: set[tuple[int, str]] = set()  # many questions share an image: check each once
 
     def __call__(self, sample: Sample | DataError):
@@ -45,7 +46,7 @@ class SampleChecker:
             encoded = self.encoder.encode_compact(sample, warnings)
             for reference in sample.images:
                 if (sample.source, reference) not in self._checked_images:
-                    check_image(self.images[sample.source].file(reference, sample), sample)
+                    check_image(self.images[sample.source].file(reference, sample), sample, self.decode_images)
                     self._checked_images.add((sample.source, reference))
             return encoded, None, warnings
         except DataError as error:
@@ -90,14 +91,16 @@ def _check_in_worker(sample):
 
 
 def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length: int, tokens_per_image: int,
-                    images: list[ImageReader], num_workers: int | None = None) -> PreparedData:
+                    images: list[ImageReader], num_workers: int | None = None,
+                    decode_images: bool = False) -> PreparedData:
     """Read, tokenize and check every sample of every file, in parallel for large sets; `images` holds one
-    `ImageReader` per file (`llava.data.images.image_readers`), `tokens_per_image` what one image expands to.
+    `ImageReader` per file (`llava.data.images.image_readers`), `tokens_per_image` what one image expands to,
+    `decode_images` whether each image is decoded (else its header is read, see `check_image`).
 
     Samples go through in chunks, each reduced to its tokens (one flat array per chunk) and what locates it, so the
     texts of only two chunks (beside a .json file's text) are held at a time: a 665k-sample mix fits in a few GB.
     The next chunk is read while the workers check the current one."""
-    checker = SampleChecker(ConversationEncoder(processor, max_length, tokens_per_image), images)
+    checker = SampleChecker(ConversationEncoder(processor, max_length, tokens_per_image), images, decode_images)
     total_bytes = sum(os.path.getsize(path) for path in data_paths if os.path.isfile(path))
     read = _Counter()  # bytes of the files read so far: the progress bar's position, for its rate and ETA
     chunks = _chunks(iter_samples(data_paths, read), _CHUNK)

@@ -22,6 +22,9 @@ from llava.data.types import DataError, Sample
 
 logger = logging.getLogger(__name__)
 
+# Samples a process loads before `LlavaDataset.item` judges whether most of them fail.
+_MIN_LOADS_TO_JUDGE = 20
+
 
 class LlavaDataset(torch.utils.data.Dataset):
     """Each item: {"input_ids": (T,), "labels": (T,), "pixel_values": (num_images, 3, H, W)}; text-only
@@ -46,6 +49,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.images = images  # one per data file: `sample.source` picks it
         self.skip_invalid = skip_invalid
         self.max_image_pixels = max_image_pixels
+        self._loads = self._failures = 0  # this process's, for `item`'s refusal of mostly broken data
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -62,12 +66,34 @@ class LlavaDataset(torch.utils.data.Dataset):
         return selected
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.item(index)
+
+    def item(self, index: int, max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """Item `index`; when it fails to load under `skip_invalid`, the next sample that loads instead, of at most
+        `max_tokens` tokens when given (a packed row or token-budget batch planned for the failed sample's length
+        must not grow past it).
+
+        Raises:
+            DataError: the sample fails and `skip_invalid` is off; or more than half of the samples this process
+                loaded failed (the data is broken as a whole, e.g. every image corrupt: training on what is left,
+                text only, would not be what was asked for); or nothing loads.
+        """
         for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            if offset and max_tokens is not None and self.store.lengths[self.rows[candidate]] > max_tokens:
+                continue
+            self._loads += 1
             try:
-                return self._item((index + offset) % len(self.samples))
+                return self._item(candidate)
             except DataError as error:
                 if not self.skip_invalid:
                     raise
+                self._failures += 1
+                if self._loads >= _MIN_LOADS_TO_JUDGE and 2 * self._failures > self._loads:
+                    raise DataError(f"{self._failures} of the {self._loads} samples loaded so far failed (the last: "
+                                    f"{error}); --skip_invalid_samples skips a few broken files, not broken data. "
+                                    "Check the images, e.g. with `python -m llava.validate_data`, which decodes "
+                                    "every one.", kind="mostly_broken") from None
                 logger.warning("skipping a sample that failed at load time: %s", error)
         raise DataError("every sample failed to load; check --image_folder and the image files.")
 
@@ -91,7 +117,8 @@ class LlavaDataset(torch.utils.data.Dataset):
 
 def build_dataset(sources: Mixture, processor: ProcessorMixin, tokens_per_image: int, max_length: int,
                   skip_invalid: bool = False, allow_absolute_image_paths: bool = False, num_workers: int | None = None,
-                  max_image_pixels: int | None = None, cache_dir: str | None = None) -> LlavaDataset:
+                  max_image_pixels: int | None = None, cache_dir: str | None = None,
+                  decode_images: bool = False) -> LlavaDataset:
     """Check and tokenize every sample of every source (or read that from the cache in `cache_dir`, None: no cache);
     refuse with the full report if any is invalid, unless `skip_invalid`, which drops them and logs how many were
     skipped and why. Every valid sample of each source is kept once: a mixture's amounts are applied afterwards
@@ -99,12 +126,18 @@ def build_dataset(sources: Mixture, processor: ProcessorMixin, tokens_per_image:
     images = image_readers(sources.paths, sources.image_folders, allow_absolute_image_paths)
     fingerprint = tokenization_fingerprint(processor, tokens_per_image, max_length, sources.image_folders,
                                            allow_absolute_image_paths)
+    if decode_images:  # another check finds other problems (keyed only when on: caches of header checks stay valid)
+        fingerprint["decode_images"] = True
     result = cached(cache_dir, cache_key(sources.file_stamps, fingerprint), lambda: prepare_samples(
-        sources.paths, processor, max_length, tokens_per_image, images, num_workers))
+        sources.paths, processor, max_length, tokens_per_image, images, num_workers, decode_images))
     if result.problems:
         if not skip_invalid:
             raise DataError(f"invalid training data (nothing was trained; fix these samples or pass "
                             f"--skip_invalid_samples True to drop them):\n{result.report()}")
+        if 2 * len(result.problems) > result.num_records:
+            raise DataError(f"--skip_invalid_samples would drop {len(result.problems)} of {result.num_records} "
+                            "samples, more than half: the data (or --image_folder) is broken as a whole, not a few "
+                            f"samples; nothing was trained:\n{result.report(limit=20)}", kind="mostly_broken")
         logger.warning("skipping invalid samples:\n%s", result.report(limit=20))
     elif result.warnings:
         logger.warning("training data warnings:\n%s", result.report(limit=20))

@@ -146,16 +146,18 @@ def downsize_image(image: Image.Image, max_pixels: int | None) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
-def check_image(path: str | EmbeddedImage, sample: Sample) -> None:
+def check_image(path: str | EmbeddedImage, sample: Sample, decode: bool = False) -> None:
     """Raise a `DataError` naming the sample if the image at `path` is missing, not a regular file, not an image
-    or too large.
+    or too large, or (`decode`) if its pixel data does not decode (truncated, or a format this machine's PIL cannot
+    decode, such as EPS without Ghostscript).
 
-    Only the header is read: decoding every image of a 665k-sample mix before the first step would cost minutes.
-    Pixel data that turns out corrupt when a batch decodes it fails then, under the same --skip_invalid_samples
-    policy (`LlavaDataset`)."""
+    By default only the header is read: decoding every image of a 665k-sample mix before the first step costs
+    minutes. Pixel data that turns out corrupt when a batch decodes it fails then, under the same
+    --skip_invalid_samples policy (`LlavaDataset`)."""
     try:
-        with _opened(path):
-            pass
+        with _opened(path) as image:
+            if decode:
+                image.load()
     except FileNotFoundError:
         raise DataError(f"{sample.describe()}: image not found: {path}", kind="missing_image") from None
     except NotARegularFile as error:

@@ -122,25 +122,38 @@ def file_stamps(path: str) -> list[list]:
 
 def read_mixture(data_path: str, image_folder: str | None) -> Mixture:
     """The mixture that `--data_path` names (see the module docstring); `image_folder` (--image_folder) is the
-    default of every source. Amounts, mixture files and the files they name are checked here, before anything
-    loads; the plain comma-separated form is read as before (a missing file is refused when it is read)."""
+    default of every source. Amounts, mixture files and every file they name are checked here, before anything
+    loads: a missing file is refused with its name."""
     entries = [entry.strip() for entry in data_path.split(",") if entry.strip()]
+    if not entries:
+        raise DataError(f"--data_path {data_path!r} names no data file; give one or more .json/.jsonl/.parquet/"
+                        ".arrow files (comma-separated) or a mixture file.", kind="missing_data_file")
     if len(entries) == 1 and _is_mixture_file(entries[0]):
         return _read_mixture_file(entries[0], image_folder)
     sources = []
     for entry in entries:
-        path, amount = entry, None
-        if ":" in entry and not os.path.exists(entry):
-            path, _, text = entry.rpartition(":")
-            amount = parse_amount(text, f"--data_path {entry}")
+        path, amount = _path_and_amount(entry)
         if _is_mixture_file(path):
             raise DataError(f"--data_path {entry}: a mixture file must be the whole --data_path, without an "
                             "amount; list its sources there instead.", kind="bad_mixture")
+        _check_exists(path, f"--data_path {path}")
         sources.append(Source(path, amount, image_folder))
-    if any(source.amount for source in sources):
-        for source in sources:
-            _check_exists(source.path, f"--data_path {source.path}")
     return Mixture(tuple(sources))
+
+
+def _path_and_amount(entry: str) -> tuple[str, Amount | None]:
+    """`entry` of a comma-separated --data_path as (path, amount): `path:amount` when the part before the last
+    colon names a file (or the part after it reads as an amount); otherwise the whole entry is a path, colons and
+    all (`no:such.json`)."""
+    if ":" not in entry or os.path.exists(entry):
+        return entry, None
+    path, _, text = entry.rpartition(":")
+    if os.path.exists(path):
+        return path, parse_amount(text, f"--data_path {entry}")
+    try:
+        return path, parse_amount(text, f"--data_path {entry}")
+    except DataError:
+        return entry, None  # not an amount: a (missing) file whose name has a colon
 
 
 def _is_mixture_file(path: str) -> bool:
@@ -186,7 +199,7 @@ def _source(entry, where: str, base: str, image_folder: str | None) -> Source:
     """One entry of a mixture file's 'sources', its relative paths taken from the mixture file's folder."""
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
         raise DataError(f"{where}: each source is a mapping with a 'path' (and optional 'amount', "
-                        f"'image_folder'), got {json.dumps(entry)[:80]}.", kind="bad_mixture")
+                        f"'image_folder'), got {json.dumps(entry, default=repr)[:80]}.", kind="bad_mixture")
     where = f"{where} ({entry['path']})"
     unknown = sorted(set(entry) - set(SOURCE_KEYS))
     if unknown:
@@ -230,6 +243,7 @@ def select(mixture: Mixture, samples: list, seed: int) -> Selection:
     for position, (source, rows) in enumerate(zip(mixture.sources, by_source)):
         rows = np.asarray(rows, dtype=np.int64)
         count = len(rows) if source.amount is None or not len(rows) else source.amount.count(len(rows))
+        _check_copies(source, count, len(rows))
         copies, rest = divmod(count, len(rows)) if len(rows) else (0, 0)
         draw = np.random.default_rng([seed % 2**32, position]).permutation(len(rows))[:rest]
         chosen.append(np.concatenate([np.tile(rows, copies), rows[np.sort(draw)]]))
@@ -244,6 +258,17 @@ def select(mixture: Mixture, samples: list, seed: int) -> Selection:
         position = _POSITION.search(sample.location).group()
         digest.update(f"{paths[sample.source]}{position}\t{sample.id}\n".encode("utf-8"))
     return Selection(indices, [len(rows) for rows in by_source], taken, seed, digest.hexdigest())
+
+
+# More copies of one source than this is taken for a typo (1e11 samples of a 48-sample file), not a recipe.
+MAX_COPIES = 1000
+
+
+def _check_copies(source: Source, count: int, available: int) -> None:
+    if available and count > MAX_COPIES * available:
+        raise DataError(f"--data_path {source.path}: amount {source.amount.text} takes {count:,} samples of its "
+                        f"{available:,} valid ones, {count // available:,} copies of each; more than {MAX_COPIES} "
+                        "copies of a source is refused as a likely typo. Give a smaller amount.", kind="bad_mixture")
 
 
 def mixture_table(mixture: Mixture, selection: Selection) -> str:

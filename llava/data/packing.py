@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from llava.data.collator import LlavaDataCollator, PackingCollator, WholeBatches
+from llava.data.types import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -89,21 +90,25 @@ class PlannedDataset(torch.utils.data.Dataset):
     """Item i: the list of `dataset`'s items in `groups[i]` (a packed row, or a whole batch).
 
     `lengths` are the tokens each item's tensor holds (a row's total, a batch's rows x longest), so
-    `--train_sampling_strategy group_by_length` groups items by them without fetching any. A sample that
-    `LlavaDataset` replaces by the next one at load time (`--skip_invalid_samples`, an image broken since the checks)
-    can make its row or batch longer than planned.
+    `--train_sampling_strategy group_by_length` groups items by them without fetching any. Over samples
+    (`dataset` a `LlavaDataset`, `sample_lengths` its lengths), a sample that fails at load time under
+    `--skip_invalid_samples` is replaced by one no longer than it, so a row or batch never outgrows its plan.
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, groups: list[list[int]], lengths: list[int]):
+    def __init__(self, dataset: torch.utils.data.Dataset, groups: list[list[int]], lengths: list[int],
+                 sample_lengths: list[int] | None = None):
         self.dataset = dataset
         self.groups = groups
         self.lengths = lengths
+        self.sample_lengths = sample_lengths
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, index: int) -> list:
-        return [self.dataset[i] for i in self.groups[index]]
+        if self.sample_lengths is None:  # groups of planned rows
+            return [self.dataset[i] for i in self.groups[index]]
+        return [self.dataset.item(i, max_tokens=self.sample_lengths[i]) for i in self.groups[index]]
 
 
 def planned_batches(dataset: torch.utils.data.Dataset, pad_token_id: int, max_length: int, packing: bool,
@@ -120,16 +125,17 @@ def planned_batches(dataset: torch.utils.data.Dataset, pad_token_id: int, max_le
         row_lengths = [sum(lengths[i] for i in row) for row in rows]
         logger.info("packed %d samples into %d rows of at most %d tokens (%.1f%% filled)", len(dataset), len(rows),
                     max_length, 100 * sum(row_lengths) / (len(rows) * max_length))
-        dataset, lengths, collator = PlannedDataset(dataset, rows, row_lengths), row_lengths, PackingCollator(
-            pad_token_id)
+        dataset, lengths, collator = PlannedDataset(dataset, rows, row_lengths, lengths), row_lengths, \
+            PackingCollator(pad_token_id)
     if max_tokens_per_batch:
         if max(lengths) > max_tokens_per_batch:
             what = "packed row" if packing else "sample"
-            raise ValueError(f"--max_tokens_per_batch {max_tokens_per_batch} is less than the longest {what} "
+            raise ConfigurationError(f"--max_tokens_per_batch {max_tokens_per_batch} is less than the longest {what} "
                              f"({max(lengths)} tokens), which would fit in no batch. Raise --max_tokens_per_batch "
                              f"to at least --model_max_length ({max_length}), or lower --model_max_length.")
         batches = token_budget_batches(lengths, max_tokens_per_batch, seed)
         logger.info("%d batches of at most %d tokens", len(batches), max_tokens_per_batch)
-        dataset = PlannedDataset(dataset, batches, [len(b) * max(lengths[i] for i in b) for b in batches])
+        dataset = PlannedDataset(dataset, batches, [len(b) * max(lengths[i] for i in b) for b in batches],
+                                 None if packing else lengths)
         collator = WholeBatches(collator)
     return dataset, collator

@@ -181,7 +181,8 @@ def _image_paths(record: dict, where: str) -> list[str]:
         return []
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
-        raise DataError(f"{where}: 'image' must be a path or a list of paths, got {json.dumps(images)[:80]}; "
+        shown = json.dumps(images, default=repr)[:80]  # repr: what JSON cannot hold (bytes, dates)
+        raise DataError(f"{where}: 'image' must be a path or a list of paths, got {shown}; "
                         "leave it out for a text-only sample.", kind="malformed_sample")
     for image in images:
         _check_encodable(image, f"{where}: image path")

@@ -24,6 +24,13 @@ _BATCH_ROWS = 1000
 _NO_IMAGE = object()  # an image struct with neither bytes nor a path
 
 
+class _Unreadable:
+    """An image cell `to_sample` must not see as a path: why it is refused, in words."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
 def is_table(path: str) -> bool:
     """A parquet or arrow file, or a folder (a `save_to_disk` dataset)."""
     return path.lower().endswith(TABLE_SUFFIXES) or os.path.isdir(path)
@@ -63,28 +70,49 @@ def read_table_records(path: str) -> Iterator[tuple[str, dict | DataError]]:
             for record, value in zip(records, _image_references(batch.column(name), start)):
                 record[name] = value
         for row, record in enumerate(records, start=start):
-            location, missing = f"{path}[{row}]", _missing_image(record)
-            yield location, record if missing is None else DataError(
-                f"{location} (id {str(record.get('id', location))!r}): image {missing} has neither bytes nor a "
-                "path; fill it in or drop the row.", kind="malformed_sample")
+            location, problem = f"{path}[{row}]", _image_problem(record)
+            yield location, record if problem is None else DataError(
+                f"{location} (id {str(record.get('id', location))!r}): {problem}", kind="malformed_sample")
         start += batch.num_rows
 
 
 def _image_references(column, start: int) -> list:
     """A batch's image column as what `to_sample` reads, per row: None, a path, or a list of them; embedded images
-    become `embedded_reference(row, k)`, images with neither bytes nor a path `_NO_IMAGE`."""
+    ({"bytes", "path"} structs as `datasets.Image` stores them, or plain binary cells) become
+    `embedded_reference(row, k)`; cells that are no image (neither bytes nor a path, a timestamp, a path that
+    poses as an embedded reference) become `_NO_IMAGE` or `_Unreadable`, refused by `_image_problem`."""
     import pyarrow as pa
 
     column = column.combine_chunks()
-    if pa.types.is_struct(column.type):  # one image per row
-        return [_reference(image, start + row, 0) for row, image in enumerate(_struct_images(column))]
-    if (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) and \
-            pa.types.is_struct(column.type.value_type):
-        flat = _struct_images(column.flatten())
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        flat = _cell_references(column.flatten())
         offsets, valid = column.offsets.to_pylist(), column.is_valid().to_pylist()
-        return [[_reference(flat[i], start + row, i - begin) for i in range(begin, end)] if valid[row] else None
+        return [[_numbered(flat[i], start + row, i - begin) for i in range(begin, end)] if valid[row] else None
                 for row, (begin, end) in enumerate(zip(offsets, offsets[1:]))]
-    return column.to_pylist()  # paths, lists of paths, or anything else, which `to_sample` refuses
+    return [_numbered(cell, start + row, 0) for row, cell in enumerate(_cell_references(column))]
+
+
+def _cell_references(cells) -> list:
+    """Per cell: None, a path, `_EMBEDDED` (bytes there; numbered by `_numbered`), or why it is no image."""
+    import pyarrow as pa
+
+    kind = cells.type
+    if pa.types.is_struct(kind):
+        return [None if image is None else _EMBEDDED if image[0] else image[1] or _NO_IMAGE
+                for image in _struct_images(cells)]
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return [None if present is False else _EMBEDDED for present in cells.is_valid().to_pylist()]
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return [_Unreadable(f"image path {path!r} begins with {_EMBEDDED!r}, which names bytes embedded in a "
+                            "table; rename the file") if path is not None and path.startswith(_EMBEDDED) else path
+                for path in cells.to_pylist()]
+    return [None if present is False else _Unreadable(
+        f"its image column holds {kind} values, neither paths (strings) nor image bytes (binary, or "
+        "{bytes, path} structs as datasets.Image writes them)") for present in cells.is_valid().to_pylist()]
+
+
+def _numbered(cell, row: int, k: int):
+    return embedded_reference(row, k) if cell is _EMBEDDED else cell
 
 
 def _struct_images(images) -> list:
@@ -97,18 +125,15 @@ def _struct_images(images) -> list:
             for present, embedded, path in zip(images.is_valid().to_pylist(), has_bytes, paths)]
 
 
-def _reference(image, row: int, k: int):
-    if image is None:
-        return None
-    embedded, path = image
-    return embedded_reference(row, k) if embedded else path or _NO_IMAGE
-
-
-def _missing_image(record: dict) -> int | None:
-    """The position of an image with neither bytes nor a path in `record`, None when there is none."""
+def _image_problem(record: dict) -> str | None:
+    """Why an image cell of `record` is no image (with the fix), None when every one is a path or embedded bytes."""
     images = record.get("image", record.get("images"))
-    images = images if isinstance(images, list) else [images]
-    return next((k for k, image in enumerate(images) if image is _NO_IMAGE), None)
+    for k, image in enumerate(images if isinstance(images, list) else [images]):
+        if image is _NO_IMAGE:
+            return f"image {k} has neither bytes nor a path; fill it in or drop the row."
+        if isinstance(image, _Unreadable):
+            return f"image {k}: {image.why}."
+    return None
 
 
 def embedded_reference(row: int, k: int) -> str:
@@ -138,5 +163,6 @@ def embedded_image(table, path: str, reference: str) -> EmbeddedImage:
     import pyarrow as pa
 
     value = table[row].column(column)[0]
-    image = value if isinstance(value, pa.StructScalar) else value[k]
-    return EmbeddedImage(image["bytes"].as_py(), f"{path}[{row}] image {k} (embedded)")
+    image = value[k] if isinstance(value, pa.ListScalar) else value
+    data = image["bytes"].as_py() if isinstance(image, pa.StructScalar) else image.as_py()
+    return EmbeddedImage(data, f"{path}[{row}] image {k} (embedded)")

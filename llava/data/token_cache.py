@@ -161,6 +161,7 @@ def cached(cache_dir: str | None, key: str, build: Callable[[], PreparedData]) -
             except (OSError, ValueError) as error:
                 logger.warning("Rebuilding the unreadable data cache %s: %s", folder, error)
         shutil.rmtree(folder, ignore_errors=True)
+        _remove_leftovers(cache_dir, key)
         data = build()
         temporary = tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir)
         try:
@@ -178,6 +179,14 @@ def cached(cache_dir: str | None, key: str, build: Callable[[], PreparedData]) -
             shutil.rmtree(temporary, ignore_errors=True)
         logger.info("Tokenized data cached in %s.", folder)
         return data
+
+
+def _remove_leftovers(cache_dir: str, key: str) -> None:
+    """Delete the temporary folders of builds of `key` that a kill interrupted: only the holder of the key's lock
+    builds, and it holds it now, so any such folder belongs to a process that is gone."""
+    for name in os.listdir(cache_dir):
+        if name.startswith(f".{key}-"):
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
 
 
 @contextmanager

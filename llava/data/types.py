@@ -1,4 +1,5 @@
-"""The values a sample is made of on its way to the model: `Message`, `Sample`, `DataError`, `IGNORE_INDEX`.
+"""The values a sample is made of on its way to the model (`Message`, `Sample`, `IGNORE_INDEX`) and the errors a
+user can fix (`DataError`, `ConfigurationError`).
 
 A leaf module: it imports nothing of ours, so every stage can share these types without an import circle.
 """
@@ -55,3 +56,8 @@ class DataError(ValueError):
     def __init__(self, message: str, kind: str = "invalid_sample"):
         super().__init__(message)
         self.kind = kind
+
+
+class ConfigurationError(ValueError):
+    """A flag, a flag combination, a config file or a model part the flags name that cannot run; the message says
+    which and the fix. Raised before anything trains (the commands report it in one line, see `llava.reporting`)."""

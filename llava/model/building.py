@@ -9,7 +9,7 @@ import torch
 from transformers import (AutoModel, AutoModelForCausalLM, BitsAndBytesConfig, LlavaConfig, LlavaProcessor,
                           PreTrainedModel)
 
-from llava.data.types import IGNORE_INDEX
+from llava.data.types import IGNORE_INDEX, ConfigurationError
 from llava.model.components import components
 from llava.model.modeling import LlavaForConditionalGeneration, LlavaProjector
 from llava.model.processor import tower_config
@@ -52,7 +52,7 @@ def assemble_llava(vision_model: str, language_model: str, processor: LlavaProce
         # LlamaModel, GPT2Model, OPTModel (not OPT's inner decoder, which `get_decoder()` returns).
         decoder = lm.base_model
         if getattr(lm.get_output_embeddings(), "bias", None) is not None:
-            raise ValueError(f"{language_model} ({type(lm).__name__}) has an lm_head with a bias, which "
+            raise ConfigurationError(f"{language_model} ({type(lm).__name__}) has an lm_head with a bias, which "
                              "transformers' LlavaForConditionalGeneration cannot hold (its lm_head has none), so no "
                              "checkpoint of it would load elsewhere. Use an LM whose output layer has no bias (e.g. "
                              "Phi-3/Phi-4 instead of Phi-1/2).")
@@ -143,7 +143,7 @@ def check_exact_packing(model: torch.nn.Module) -> None:
     finally:
         model.train(training)
     if (logits[0] - logits[1]).abs().max() > 1e-3 * logits[0].abs().max():
-        raise ValueError(f"--packing: {decoder} does not keep packed samples apart (its attention mask ignores the "
+        raise ConfigurationError(f"--packing: {decoder} does not keep packed samples apart (its attention mask ignores the "
                          "restarting position_ids), so they would attend to each other. Train it without --packing; "
                          "--max_tokens_per_batch and --train_sampling_strategy group_by_length also keep padding "
                          "low.")

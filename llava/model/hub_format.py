@@ -213,12 +213,22 @@ def find_end_of_turn_ids(processor: ProcessorMixin) -> list[int]:
 
 
 def _readable_by_transformers_4(tokenizer_config: dict, tokenizer) -> None:
-    """A tokenizer class 4.x can import, and the model inputs the tokenizer returns now: 4.x's
-    PreTrainedTokenizerFast would otherwise also return `token_type_ids`, which GPT-2-style LMs add to the
-    embeddings (different logits)."""
+    """A tokenizer class 4.x can import, the model inputs the tokenizer returns now (4.x's PreTrainedTokenizerFast
+    would otherwise also return `token_type_ids`, which GPT-2-style LMs add to the embeddings: different logits),
+    and the LM's extra special tokens where 4.x looks for them.
+
+    Why the last: 5.x writes them as a list under `extra_special_tokens` (Qwen's and Llama's tokenizers have
+    some), where 4.x expects a dict of named tokens and fails to load the tokenizer ("'list' object has no
+    attribute 'keys'", reported as "requires the protobuf library" when protobuf is missing). The same list under
+    `additional_special_tokens` loads in 4.x and 5.x with the same ids."""
     if tokenizer_config.get("tokenizer_class", "").endswith("Backend"):
         tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     tokenizer_config["model_input_names"] = list(tokenizer.model_input_names)
+    extra = tokenizer_config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del tokenizer_config["extra_special_tokens"]
+        listed = tokenizer_config.get("additional_special_tokens") or []
+        tokenizer_config["additional_special_tokens"] = list(dict.fromkeys([*listed, *extra]))
 
 
 def _stop_at_end_of_turn(generation_config: dict, tokenizer, end_of_turn: list[int]) -> None:

@@ -24,6 +24,7 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 
+from llava.data.types import ConfigurationError
 from llava.model.components import linear_layer_names, module_name
 from llava.model.modeling import LlavaForConditionalGeneration
 
@@ -55,7 +56,7 @@ def lora_target_names(model: torch.nn.Module, targets: list[str]) -> list[str]:
             name for name in candidates if name == suffix or name.endswith("." + suffix)]
         if not matched:
             available = sorted({name.rsplit(".", 1)[-1] for name in candidates})
-            raise ValueError(f"--lora_target_modules entry {target!r} matches no linear layer of the {component}; "
+            raise ConfigurationError(f"--lora_target_modules entry {target!r} matches no linear layer of the {component}; "
                              f"its linear layers are named {available} (or use {ALL_LINEAR!r}).")
         names += [name for name in matched if name not in names]
     return names
@@ -112,14 +113,14 @@ def load_merged_model(path: str, dtype: torch.dtype = torch.float32, base_model_
     """
     folder = adapter_folder(path)
     if folder is None:
-        raise ValueError(f"{path} is not a LoRA checkpoint: no {ADAPTER_CONFIG} in it or in its {ADAPTER_SUBFOLDER}/ "
+        raise ConfigurationError(f"{path} is not a LoRA checkpoint: no {ADAPTER_CONFIG} in it or in its {ADAPTER_SUBFOLDER}/ "
                          "subfolder. A full checkpoint loads as it is, without merging.")
     base = base_model_name_or_path or PeftConfig.from_pretrained(folder).base_model_name_or_path
     if base is None or (os.path.isabs(base) and not os.path.isdir(base)):
         raise FileNotFoundError(f"The base model of the adapter in {folder} ({base}) is not found; pass the "
                                 "full-precision LLaVA it was trained on (--base_model_name_or_path).")
     if getattr(AutoConfig.from_pretrained(base), "quantization_config", None) is not None:
-        raise ValueError(f"The base model {base} is itself saved quantized, so a merge into it cannot be full "
+        raise ConfigurationError(f"The base model {base} is itself saved quantized, so a merge into it cannot be full "
                          "precision; pass the full-precision LLaVA (--base_model_name_or_path).")
     model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, folder).merge_and_unload()

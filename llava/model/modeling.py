@@ -25,6 +25,7 @@ from llava.data.types import IGNORE_INDEX
 from llava.model.final_output import check_final_output
 from llava.model.hub_format import FROM_HUB, add_legacy_rope_fields, check_loading_info, hub_state_dict
 from llava.model.sharding import multi_process, parameters_sharded
+from llava.utils.files import follow_umask
 
 # Shorter shared prefixes are computed per row: the extra batch-1 pass would cost more than it saves.
 _MIN_SHARED_PREFIX = 8
@@ -89,6 +90,7 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         super().save_pretrained(save_directory, *args, state_dict=hub_state_dict(self, state_dict), **kwargs)
         if kwargs.get("is_main_process", True):
             add_legacy_rope_fields(os.path.join(save_directory, "config.json"))
+            follow_umask(save_directory)
 
     def __init__(self, config: LlavaConfig):
         super().__init__(config)

@@ -16,6 +16,7 @@ from PIL import Image
 from transformers import (AddedToken, AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer,
                           LlavaImageProcessor, LlavaProcessor, ProcessorMixin)
 
+from llava.data.types import ConfigurationError
 from llava.model.final_output import check_final_output
 from llava.model.sharding import without_zero3_init
 
@@ -60,7 +61,7 @@ def tower_config(vision_path: str, trust_remote_code: bool = False):
     config = AutoConfig.from_pretrained(vision_path, trust_remote_code=trust_remote_code)
     vision_config = getattr(config, "vision_config", None) or config
     if vision_config.model_type in _UNHOSTABLE_TOWERS:
-        raise ValueError(f"Unsupported vision tower {vision_path} (model_type {vision_config.model_type!r}): "
+        raise ConfigurationError(f"Unsupported vision tower {vision_path} (model_type {vision_config.model_type!r}): "
                          f"{_UNHOSTABLE_TOWERS[vision_config.model_type]}")
     return vision_config
 
@@ -70,7 +71,7 @@ def check_vision_feature_layer(vision_config, layer: int, vision_path: str) -> N
     IndexError at the first forward pass). The tower returns its embeddings plus one output per layer."""
     outputs = vision_config.num_hidden_layers + 1
     if not -outputs <= layer < outputs:
-        raise ValueError(f"--vision_feature_layer {layer} is out of range for {vision_path}: it has "
+        raise ConfigurationError(f"--vision_feature_layer {layer} is out of range for {vision_path}: it has "
                          f"{vision_config.num_hidden_layers} layers, so valid values are {-outputs} to {outputs - 1} "
                          "(-1 the last layer, -2 the penultimate as in LLaVA-1.5, 0 the embeddings).")
 
@@ -89,15 +90,15 @@ def _extra_vision_tokens(vision_config, height: int, width: int) -> int:
             output = tower(pixel_values=torch.zeros(1, vision_config.num_channels, height, width),
                            output_hidden_states=True)
         except Exception as error:
-            raise ValueError(f"The vision tower {type(tower).__name__} cannot take the {height}x{width} images its "
+            raise ConfigurationError(f"The vision tower {type(tower).__name__} cannot take the {height}x{width} images its "
                              f"image processor gives ({error}). LLaVA needs a fixed-size tower whose image "
                              "processor matches it.") from error
     if not getattr(output, "hidden_states", None):
-        raise ValueError(f"Unsupported vision tower {type(tower).__name__}: it returns no hidden states to "
+        raise ConfigurationError(f"Unsupported vision tower {type(tower).__name__}: it returns no hidden states to "
                          "project.")
     extra = output.hidden_states[-1].shape[1] - (height // patch) * (width // patch)
     if extra < 0:
-        raise ValueError(f"Unsupported vision tower {type(tower).__name__}: it emits fewer tokens than "
+        raise ConfigurationError(f"Unsupported vision tower {type(tower).__name__}: it emits fewer tokens than "
                          f"({height}/{patch}) x ({width}/{patch}) patches (pooled or merged patches).")
     return int(extra)
 
@@ -111,7 +112,7 @@ def processed_image_size(image_processor) -> tuple[int, int]:
     sizes = {tuple(image_processor(images=[Image.new("RGB", size)], return_tensors="pt")["pixel_values"].shape[-2:])
              for size in ((96, 48), (48, 96))}
     if len(sizes) != 1:
-        raise ValueError(f"The image processor ({type(image_processor).__name__}) gives images of different sizes "
+        raise ConfigurationError(f"The image processor ({type(image_processor).__name__}) gives images of different sizes "
                          f"{sorted(sizes)} depending on their aspect ratio; LLaVA needs one fixed size. Pass "
                          "--image_aspect_ratio pad, crop or resize.")
     height, width = sizes.pop()
@@ -151,7 +152,7 @@ def apply_image_aspect_ratio(image_processor, mode: str | None):
         if "do_center_crop" in fields:  # a field the class knows (CLIP, BiT), not added to one that lacks it
             overrides["do_center_crop"] = False
         return type(image_processor).from_dict({**fields, **overrides})
-    raise ValueError(f"--image_aspect_ratio must be pad, crop or resize, got {mode!r}.")
+    raise ConfigurationError(f"--image_aspect_ratio must be pad, crop or resize, got {mode!r}.")
 
 
 def _llava_image_processor(fields: dict, **overrides) -> LlavaImageProcessor:
@@ -199,6 +200,10 @@ def build_processor(vision_model: str, language_model: str, *, image_token: str 
         vision_feature_select_strategy: "default" (drop the CLS token) or "full"; None picks by the tower.
     """
     tokenizer = AutoTokenizer.from_pretrained(language_model, trust_remote_code=trust_remote_code)
+    if image_token in tokenizer.get_vocab() and image_token not in tokenizer.get_added_vocab():
+        raise ConfigurationError(f"--image_token {image_token!r} is an ordinary token of {language_model}'s tokenizer, so "
+                         "text that contains it would be taken for an image. Pass a string the tokenizer does not "
+                         "have as one token, e.g. --image_token '<image>' (the default).")
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
     if tokenizer.pad_token is None:
@@ -206,7 +211,7 @@ def build_processor(vision_model: str, language_model: str, *, image_token: str 
         tokenizer.pad_token = tokenizer.eos_token
     lm_template = read_chat_template(chat_template) if chat_template else tokenizer.chat_template
     if not isinstance(lm_template, str) or not lm_template:
-        raise ValueError(
+        raise ConfigurationError(
             f"The tokenizer of {language_model} has no chat template (a base model?). "
             "Pass one with --chat_template (a Jinja string or a .jinja file), or use an instruct model."
         )

@@ -14,7 +14,6 @@ from llava.model.components import linear_layer_names
 from llava.model.hub_format import safetensors_files
 from llava.model.modeling import LlavaForConditionalGeneration
 
-
 # Modules kept in full precision, as full names from the LLaVA root. transformers 5.x matches skip patterns from
 # the start of a module's name or as a suffix, so the bare "vision_tower"/"multi_modal_projector" would not match
 # "model.vision_tower.*" and the tower and projector would be quantized too (seen with transformers 5.24; `load_quantized`

@@ -199,6 +199,14 @@ class DataSourceArguments:
         metadata={"help": "Accept absolute image paths and paths leaving --image_folder (off: data is untrusted)."},
     )
 
+    decode_images: bool | None = field(
+        default=None,
+        metadata={"help": "Check every image by decoding it fully (finds truncated pixel data and formats this "
+                          "machine cannot decode) instead of reading its header only. Unset: headers only in "
+                          "training (a bad image then fails when its batch is built, under "
+                          "--skip_invalid_samples), full decode in llava.validate_data."},
+    )
+
     def __post_init__(self) -> None:
         if not self.data_path:
             raise ValueError("--data_path is required: one or more LLaVA .json/.jsonl files, comma-separated.")
@@ -378,11 +386,15 @@ class LlavaTrainingArguments(TrainingArguments):
                 "Every component is frozen, so nothing would train. Unfreeze at least one of "
                 "--freeze_vision_model False, --freeze_projector False, --freeze_language_model False."
             )
-        for flag in ("projector_lr", "vision_lr"):
+        for flag, frozen in (("projector_lr", "freeze_projector"), ("vision_lr", "freeze_vision_model")):
             value = getattr(self, flag)
             if value is not None and not value > 0:
                 raise ValueError(f"--{flag} must be positive, got {value}: a negative rate trains away from the "
                                  "data, zero trains nothing (freeze the component instead).")
+            if value is not None and getattr(self, frozen):
+                raise ValueError(f"--{flag} {value} is the learning rate of a component that --{frozen} True keeps "
+                                 f"fixed, so it would reach no parameter. Drop --{flag}, or pass --{frozen} False to "
+                                 "train the component at that rate.")
         self._check_planned_batches()
 
     def _set_multi_process_defaults(self) -> None:

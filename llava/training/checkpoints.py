@@ -130,6 +130,10 @@ class ForeignCheckpointError(RuntimeError):
     """Foreign checkpoint folders stand where training would go next."""
 
 
+class MissingCheckpointError(FileNotFoundError):
+    """`--resume_from_checkpoint` names a folder that does not exist."""
+
+
 def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
     """What `--resume_from_checkpoint` means: a checkpoint folder to resume from, or None to start fresh.
 
@@ -139,7 +143,7 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
     the completion marker (written by another tool, or by a save that was interrupted) is loaded with a warning.
 
     Raises:
-        FileNotFoundError: an explicit folder that does not exist.
+        MissingCheckpointError: an explicit folder that does not exist.
         ForeignCheckpointError: see `latest_resumable_checkpoint`.
     """
     if value is None or str(value).lower() in ("false", ""):
@@ -154,7 +158,7 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
         return latest
     path = str(value)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such folder. Pass a checkpoint-N folder, or "
+        raise MissingCheckpointError(f"--resume_from_checkpoint {path}: no such folder. Pass a checkpoint-N folder, or "
                                 "True to resume from the latest complete checkpoint in --output_dir.")
     if not is_complete(path):
         logger.warning("%s has no %s: it was written by another tool, or its save was interrupted. Loading it "

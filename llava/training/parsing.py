@@ -11,10 +11,22 @@ from typing import NamedTuple
 
 from transformers import HfArgumentParser
 
+from llava.data.types import ConfigurationError
 from llava.model.lora import VISION_TARGET_PREFIX
 from llava.training.arguments import DataArguments, LlavaTrainingArguments, LoraArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
+
+
+def parse_flags(dataclass_types: tuple, argv: list[str] | None) -> tuple:
+    """`HfArgumentParser(dataclass_types).parse_args_into_dataclasses(argv)`, the dataclasses' own checks raising
+    `ConfigurationError` (what every command's parsing goes through, so each reports a bad flag as one line)."""
+    try:
+        return tuple(HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv))
+    except ConfigurationError:
+        raise
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from error
 
 
 class RunArguments(NamedTuple):
@@ -40,13 +52,18 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, LlavaTrainingArguments))
-    if argv and argv[0].lower().endswith(CONFIG_SUFFIXES):
-        parser.set_defaults(**_read_config(argv[0], parser))
-        argv = argv[1:]
-    parsed = RunArguments(*parser.parse_args_into_dataclasses(args=argv))
-    if parsed.lora.lora_enable:
-        check_lora(parsed.lora, parsed.training)
-    check_quantization(parsed.model, parsed.lora, parsed.training)
+    try:
+        if argv and argv[0].lower().endswith(CONFIG_SUFFIXES):
+            parser.set_defaults(**_read_config(argv[0], parser))
+            argv = argv[1:]
+        parsed = RunArguments(*parser.parse_args_into_dataclasses(args=argv))
+        if parsed.lora.lora_enable:
+            check_lora(parsed.lora, parsed.training)
+        check_quantization(parsed.model, parsed.lora, parsed.training)
+    except ConfigurationError:
+        raise
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from error
     load_in_deepspeed_precision(parsed.model, parsed.training)
     return parsed
 
@@ -59,9 +76,12 @@ def _read_config(path: str, parser: HfArgumentParser) -> dict:
     import yaml  # only config files need it
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} not found.")
+        raise ConfigurationError(f"config file {path} not found.")
     with open(path, encoding="utf-8") as f:
-        values = json.load(f) if path.lower().endswith(".json") else yaml.safe_load(f)
+        try:
+            values = json.load(f) if path.lower().endswith(".json") else yaml.safe_load(f)
+        except (ValueError, yaml.YAMLError) as error:
+            raise ConfigurationError(f"{path}: not a readable config file ({error}).") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a config file holds a mapping of flag names to values, got "
                          f"{type(values).__name__}.")

@@ -52,7 +52,8 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
                                       skip_invalid=data_args.skip_invalid_samples,
                                       allow_absolute_image_paths=data_args.allow_absolute_image_paths,
                                       max_image_pixels=data_args.max_image_pixels,
-                                      cache_dir=data_args.tokenized_cache_dir)
+                                      cache_dir=data_args.tokenized_cache_dir,
+                                      decode_images=bool(data_args.decode_images))
         seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
         train_dataset, mixture_record = apply_mixture(mixture, train_dataset, seed)
     logger.info("%d training samples from %s", len(train_dataset), ", ".join(mixture.paths))

@@ -4,10 +4,11 @@ Two runs writing one output_dir would interleave their checkpoints, and one's `-
 other's folders mid-save. The first process of a job (global rank 0) takes the lock; the job's other ranks never
 touch it, so they cannot lock each other out, and a second job fails on its rank 0, which stops its other ranks.
 
-The kernel drops a flock when its holder dies, so a run killed with SIGKILL leaves no lock behind, only the file's
-text: the next run takes over with a warning naming the dead run. The text is cleared when a run ends normally. A
-lock still held by a process that is not the named (dead) run, e.g. a leftover DataLoader worker that inherited
-it, is broken when that run's pid is gone from this host.
+The kernel drops a flock when its holder dies, so a run killed with SIGKILL leaves no lock behind, only the file
+and its text: the next run takes over with a warning naming the dead run. A run that ends normally (finished,
+failed or preempted) deletes the file, so a finished output folder holds only the model's files. A lock still held
+by a process that is not the named (dead) run, e.g. a leftover DataLoader worker that inherited it, is broken when
+that run's pid is gone from this host.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "train_llava.lock"
 
 
+class OutputDirNotWritableError(PermissionError):
+    """The output_dir cannot be written, so nothing a run trains could be saved."""
+
+
 class OutputDirBusyError(RuntimeError):
     """Another run holds the output_dir's lock."""
 
@@ -41,7 +46,7 @@ def check_writable(output_dir: str) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as error:
-        raise PermissionError(f"--output_dir {output_dir} is not writable ({error.strerror or error}): no checkpoint "
+        raise OutputDirNotWritableError(f"--output_dir {output_dir} is not writable ({error.strerror or error}): no checkpoint "
                               "or final model could be saved there. Fix its permissions or pass another "
                               "--output_dir.") from None
 
@@ -51,27 +56,28 @@ def run_lock(output_dir: str) -> Iterator[None]:
     """Hold `output_dir`'s run lock in the block (global rank 0 only; every rank checks the folder is writable).
 
     Raises:
-        PermissionError: output_dir is not writable.
+        OutputDirNotWritableError: output_dir is not writable.
         OutputDirBusyError: another run holds the lock; the message names it (host, pid, start time, command).
     """
     check_writable(output_dir)
     if os.environ.get("RANK", "0") != "0":
         yield
         return
-    lock = _acquire(os.path.join(output_dir, LOCK_NAME))
+    path = os.path.join(output_dir, LOCK_NAME)
+    lock = _acquire(path)
     try:
         yield
     finally:
-        lock.seek(0)
-        lock.truncate()
-        lock.flush()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # while still locked: a run that opens it now finds it gone and retries (`_acquire`)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
 
 
 def _acquire(path: str):
     """The open lock file, flocked and holding this run's description."""
-    for attempt in range(2):
+    broken = False
+    for _ in range(5):
         lock = open(path, "a+", encoding="utf-8")
         lock.seek(0)
         try:
@@ -79,15 +85,20 @@ def _acquire(path: str):
         except BlockingIOError:
             holder = _read(lock)
             lock.close()
-            if attempt == 0 and _is_dead_here(holder):
+            if not broken and _is_dead_here(holder):
+                broken = True
                 logger.warning("%s is held by a leftover process of a run that is gone (%s); breaking it.", path,
                                _describe(holder))
-                os.remove(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
                 continue
             raise OutputDirBusyError(
                 f"--output_dir {os.path.dirname(path)} is in use by another run: {_describe(holder)}. Wait for it to "
                 f"finish or stop it, or pass another --output_dir. (If that run is gone, e.g. its host crashed, "
                 f"delete {path}.)") from None
+        if not _still_named(lock, path):  # the run that held it deleted it while we opened it: open the new one
+            lock.close()
+            continue
         previous = _read(lock)
         if previous:
             logger.warning("%s: taking over the lock of a run that ended without releasing it (%s).", path,
@@ -98,7 +109,16 @@ def _acquire(path: str):
         lock.flush()
         os.fsync(lock.fileno())
         return lock
-    raise AssertionError("unreachable")
+    raise OutputDirBusyError(f"--output_dir {os.path.dirname(path)}: {path} kept changing while this run tried to "
+                             "lock it (other runs starting and ending at once?); rerun the command.")
+
+
+def _still_named(lock, path: str) -> bool:
+    """Whether `path` is still the file `lock` has open (not deleted, nor replaced by a new one)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _this_run() -> dict:

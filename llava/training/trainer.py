@@ -24,7 +24,7 @@ from llava.model.hub_format import find_end_of_turn_ids, load_saved_weights, mak
 from llava.training.arguments import LlavaTrainingArguments
 from llava.training.checkpoints import begin_save, latest_complete_checkpoint, mark_complete, rotate_checkpoints
 from llava.training.preemption import PreemptionCallback, ignoring_sigterm
-from llava.utils.files import write_json_atomically
+from llava.utils.files import follow_umask, write_json_atomically
 
 TRAINING_ARGS_JSON = "training_args.json"
 
@@ -133,6 +133,7 @@ class LlavaTrainer(Trainer):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
+            follow_umask(output_dir)  # adapter weights too (peft writes them), not only `save_pretrained`'s
             make_processor_files_portable(self.processing_class, output_dir, self._end_of_turn_ids)
             values = self.args.to_dict()
             if self._deferred_save_total_limit is not None:

@@ -41,6 +41,18 @@ def update_json(path: str, update: Callable[[dict], None]) -> None:
         f.write("\n")
 
 
+def follow_umask(folder: str, suffix: str = ".safetensors") -> None:
+    """Give the files of `folder` ending with `suffix` the mode every other file gets (0666 less the umask).
+
+    Why: safetensors writes its files with mode 0600, so an evaluation or serving job under another user, or a
+    group-shared output folder, could read every file of a checkpoint but its weights."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False) and entry.name.endswith(suffix):
+            os.chmod(entry.path, 0o666 & ~umask)
+
+
 def fsync_tree(path: str) -> None:
     """Flush every file under `path`, then the folders themselves, so a machine crash cannot lose what a marker
     vouches for (a killed process loses nothing: its writes are already in the OS)."""

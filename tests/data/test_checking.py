@@ -26,6 +26,8 @@ BROKEN = {  # id -> (record, kind): each sample has exactly one defect
              "unknown_role"),
     "empty": (qa("empty", answer="  "), "empty_text"),
 }
+GOOD_AFTER = 9  # valid samples after the broken ones
+RECORDS = 3 + len(BROKEN) + 1 + GOOD_AFTER  # with the malformed line
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,9 @@ def broken_data(tmp_path_factory):
     with open(os.path.join(images, "corrupt.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n not really a png")
     path = root / "data.jsonl"
-    lines = [json.dumps(r) for r in conversation_records()[:3]] + [json.dumps(r) for r, _ in BROKEN.values()]
+    # Fewer broken than valid samples: --skip_invalid_samples refuses data that is more than half broken.
+    good = [qa(f"good{i}", image=f"img{i % 3}.png") for i in range(GOOD_AFTER)]
+    lines = [json.dumps(r) for r in [*conversation_records()[:3], *[r for r, _ in BROKEN.values()], *good]]
     lines.insert(4, '{"id": "malformed", "conversations": [')  # line 5
     path.write_text("\n".join(lines) + "\n")
     return {"data": str(path), "images": images, "root": root}
@@ -50,7 +54,7 @@ def test_validate_data_names_every_bad_sample(parts, broken_data, capsys):
     for sample_id, (_, kind) in BROKEN.items():
         assert any(f"[{kind}]" in line and f"'{sample_id}'" in line for line in report.splitlines()), sample_id
     assert f"{broken_data['data']}:5: malformed JSON" in report
-    assert report.splitlines()[-1].startswith(f"{len(BROKEN) + 1} of {len(BROKEN) + 4} samples invalid:")
+    assert report.splitlines()[-1].startswith(f"{len(BROKEN) + 1} of {RECORDS} samples invalid:")
 
 
 def test_training_refuses_bad_data_before_loading_and_writes_nothing(parts, broken_data, tmp_path):
@@ -70,8 +74,8 @@ def test_skip_invalid_samples_trains_on_the_rest(parts, broken_data, tmp_path, c
                     "--output_dir", str(out), "--skip_invalid_samples", "True", "--freeze_language_model", "True",
                     "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
                     "--save_strategy", "no"])
-    assert len(trainer.train_dataset) == 3
-    assert f"{len(BROKEN) + 1} of {len(BROKEN) + 4} samples invalid" in caplog.text
+    assert len(trainer.train_dataset) == 3 + GOOD_AFTER
+    assert f"{len(BROKEN) + 1} of {RECORDS} samples invalid" in caplog.text
     assert (out / "model.safetensors").exists()
 
 

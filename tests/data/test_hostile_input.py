@@ -1,15 +1,20 @@
 """Hostile input, built here: every file and flag a careless or malicious user could hand us is refused with its
 file, position, sample id and fix (or, for images, converted correctly), never read, hung on or trained silently."""
 
+import io
 import json
 import os
+import shutil
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from llava import validate_data
+from llava.data.chat_template import ChatTemplate
 from llava.data.checking import SampleChecker, iter_samples
+from llava.data.packing import planned_batches
 from llava.data.encoder import ConversationEncoder
 from llava.data.images import image_readers, load_image, to_rgb
 from llava.data.types import DataError
@@ -17,7 +22,7 @@ from llava.model.processor import image_token_count
 from llava.training.arguments import ModelArguments
 from llava.training.build import processor_for
 from llava.training.parsing import parse_args
-from tests.helpers.tiny_parts import CHATML_TEMPLATE, dataset_from, prepared, qa, save_images
+from tests.helpers.tiny_parts import CHATML_TEMPLATE, dataset_from, prepared, qa, save_images, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +82,13 @@ def test_hostile_records_are_refused_by_file_line_and_id(processor, hostile, tmp
     by_location = {str(p).split(": ")[0]: p.kind for p in result.problems}
     assert by_location[f"{path}:11"] == "malformed_json" and "nested too deeply" in result.report()
     assert by_location[f"{path}:12"] == "not_utf8" and "iconv" in result.report()
-    # --skip_invalid_samples drops every one of them and trains on the rest.
-    dataset = dataset_from([path], processor, 512, str(hostile / "images"), skip_invalid=True)
-    assert len(dataset) == 1 and dataset[0]["pixel_values"].shape[0] == 1
+    # --skip_invalid_samples drops every one of them and trains on the rest, unless that is the lesser part.
+    with pytest.raises(DataError, match="would drop 11 of 12 samples, more than half") as error:
+        dataset_from([path], processor, 512, str(hostile / "images"), skip_invalid=True)
+    assert error.value.kind == "mostly_broken"
+    more = write_jsonl(tmp_path / "more.jsonl", [json.dumps(qa(f"more{i}")) for i in range(12)])
+    dataset = dataset_from([path, more], processor, 512, str(hostile / "images"), skip_invalid=True)
+    assert len(dataset) == 13 and dataset[0]["pixel_values"].shape[0] == 1
 
 
 def test_hostile_json_list_files_are_refused_with_their_name(processor, tmp_path):
@@ -212,3 +221,106 @@ def test_a_vision_feature_layer_out_of_range_is_refused_before_loading(parts, la
     else:
         with pytest.raises(ValueError, match=f"valid values are {-num_layers - 1} to {num_layers}"):
             processor_for(args)
+
+
+def test_a_template_that_never_finishes_is_stopped_before_any_sample(processor, tmp_path, monkeypatch):
+    """A loop on every rendering hangs the start-up probes themselves, which run while the token cache's lock is
+    held: they are time-limited too, and the error names the model."""
+    monkeypatch.setattr(ChatTemplate, "render_time_limit", 0.5)
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}" + CHATML_TEMPLATE
+    processor.chat_template, original = endless, processor.chat_template
+    try:
+        started = time.monotonic()
+        with pytest.raises(DataError, match="The chat template of .*took over 0.5 s") as error:
+            ConversationEncoder(processor, 512, image_token_count(processor))
+        assert error.value.kind == "template_timeout" and time.monotonic() - started < 10
+    finally:
+        processor.chat_template = original
+
+
+def broken_images(folder) -> dict[str, str]:
+    """Images whose header reads but whose pixels do not decode: a truncated PNG, a truncated JPEG, an EPS (no
+    Ghostscript to render it here), by name."""
+    os.makedirs(folder, exist_ok=True)
+    for name, fmt in (("cut.png", "PNG"), ("cut.jpg", "JPEG")):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, fmt)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with open(os.path.join(folder, "shape.eps"), "w") as f:
+        f.write("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n")
+    return {"cut_png": "cut.png", "cut_jpg": "cut.jpg", "eps": "shape.eps"}
+
+
+def test_images_that_do_not_decode_pass_a_header_check_and_fail_a_full_one(parts, processor, tmp_path, capsys):
+    folder = str(tmp_path / "images")
+    names = broken_images(folder)
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(qa(key, image=name)) for key, name in names.items()])
+    assert prepared([path], processor, 512, folder).problems == []  # training's default: headers only
+    decoded = prepared([path], processor, 512, folder, decode_images=True)
+    assert problems_by_id(decoded) == {key: "corrupt_image" for key in names}
+    model = ["--vision_model_name_or_path", parts["vision"], "--language_model_name_or_path", parts["lm"],
+             "--data_path", path, "--image_folder", folder]
+    assert validate_data.main(model) == 1  # decodes by default
+    report = capsys.readouterr().out
+    assert all(f"(id '{key}')" in report for key in names), report
+    assert validate_data.main([*model, "--decode_images", "False"]) == 0
+
+
+def test_an_ordinary_word_as_the_image_token_is_refused(parts):
+    with pytest.raises(ValueError, match="--image_token 'the' is an ordinary token"):
+        processor_for(ModelArguments(vision_model_name_or_path=parts["vision"], language_model_name_or_path=parts["lm"],
+                                     image_token="the"))
+
+
+def test_a_learning_rate_of_a_frozen_part_is_refused():
+    base = ["--model_name_or_path", "M", "--data_path", "d.json", "--output_dir", "o"]
+    with pytest.raises(ValueError, match="--vision_lr 0.001 is the learning rate of a component that "
+                                         "--freeze_vision_model True keeps fixed"):
+        parse_args([*base, "--vision_lr", "1e-3"])
+    with pytest.raises(ValueError, match="--freeze_projector True"):
+        parse_args([*base, "--projector_lr", "1e-3", "--freeze_projector", "True"])
+    assert parse_args([*base, "--vision_lr", "1e-3", "--freeze_vision_model", "False"]).training.vision_lr == 1e-3
+
+
+def test_mostly_broken_images_at_load_time_end_the_run(parts, processor, tmp_path):
+    """Every image corrupt in its pixels (headers fine): --skip_invalid_samples would otherwise train on the
+    text-only rest and exit 0."""
+    folder = str(tmp_path / "images")
+    names = broken_images(folder)
+    records = [qa(f"s{i}", image=names["cut_png"]) for i in range(30)] + [qa("text", image=None)]
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in records])
+    dataset = dataset_from([path], processor, 512, folder, skip_invalid=True)
+    with pytest.raises(DataError, match=r"of the \d+ samples loaded so far failed .*--skip_invalid_samples skips a "
+                                        "few broken files") as error:
+        for index in range(len(dataset)):
+            dataset[index]
+    assert error.value.kind == "mostly_broken"
+
+
+def test_a_replaced_sample_never_grows_its_packed_row(parts, processor, tmp_path):
+    """Under --packing with --skip_invalid_samples, a sample that fails at load time is replaced by one no
+    longer than it, so the row stays within --model_max_length."""
+    folder = str(tmp_path / "images")
+    save_images(folder)
+    broken_images(folder)
+    long = qa("long", question="<image>\n" + "Tell me about it in great detail, please. " * 6)
+    records = [qa("broken", image="cut.png"), long, *[qa(f"ok{i}") for i in range(6)]]
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in records])
+    dataset = dataset_from([path], processor, 512, folder, skip_invalid=True)
+    max_length = max(dataset.lengths) + 4
+    planned, _ = planned_batches(dataset, 0, max_length, True, None, 0)
+    for index, row in enumerate(planned.groups):
+        items = planned[index]
+        assert sum(len(item["input_ids"]) for item in items) <= max_length, [dataset.samples[i].id for i in row]
+
+
+def test_a_cache_build_killed_half_way_leaves_no_folder_behind(parts, processor, tmp_path):
+    data, images = write_dataset(str(tmp_path / "d"))
+    cache = tmp_path / "cache"
+    dataset_from([data], processor, 512, images, cache_dir=str(cache))
+    (key,) = [name for name in os.listdir(cache) if not name.endswith(".lock")]
+    os.makedirs(cache / f".{key}-killed")  # what a kill during the save leaves
+    shutil.rmtree(cache / key)  # so the next run builds again
+    dataset_from([data], processor, 512, images, cache_dir=str(cache))
+    assert sorted(os.listdir(cache)) == [key, f"{key}.lock"]

@@ -62,8 +62,8 @@ def test_amounts_and_the_plain_form_parse(tmp_path):
     assert mixture.paths == [a, b, c] and mixture.image_folders == ["imgs"] * 3
     amounts = [(s.amount.value, s.amount.fraction) for s in mixture.sources]
     assert amounts == [(0.7, True), (0.3, True), (12, False)]
-    plain = read_mixture("x.json, y.jsonl", None)  # the plain form is read as before: files checked when read
-    assert plain.paths == ["x.json", "y.jsonl"] and all(s.amount is None for s in plain.sources)
+    plain = read_mixture(f"{a}, {b}", None)
+    assert plain.paths == [a, b] and all(s.amount is None for s in plain.sources)
 
 
 def test_mixture_file_yaml_and_json_with_per_source_folders(tmp_path):
@@ -394,3 +394,64 @@ def test_unreadable_tables_and_split_folders_are_refused(processor, tmp_path, da
     with pytest.raises(DataError, match=r"splits holds several splits \(train, test\); name one split's folder, "
                                         r"e.g. .*splits/train"):
         dataset_from([str(tmp_path / "splits")], processor, 512, None)
+
+
+def test_plain_binary_image_columns_are_embedded_images(parts, processor, tmp_path, datasets_cache):
+    """Raw bytes in a `binary` column (one image per row, or a list of them) read as embedded images, like
+    `datasets.Image` structs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    red, blue = png_bytes((255, 0, 0)), png_bytes((0, 128, 255))
+    question = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Red."}]
+    two = [{"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "No."}]
+    one_per_row, listed = str(tmp_path / "binary.parquet"), str(tmp_path / "binary_list.parquet")
+    pq.write_table(pa.table({"id": ["a"], "conversations": [question], "image": pa.array([red], pa.binary())}),
+                   one_per_row)
+    pq.write_table(pa.table({"id": ["b"], "conversations": [two],
+                             "images": pa.array([[red, blue]], pa.list_(pa.binary()))}), listed)
+    dataset = dataset_from([one_per_row, listed], processor, 512, None)
+    assert [s.images for s in dataset.samples] == [["embedded:0:0"], ["embedded:0:0", "embedded:0:1"]]
+    assert dataset[0]["pixel_values"].shape[0] == 1 and dataset[1]["pixel_values"].shape[0] == 2
+    assert not torch.equal(dataset[1]["pixel_values"][0], dataset[1]["pixel_values"][1])  # red, then blue
+
+
+def test_image_cells_that_are_no_image_are_named(processor, tmp_path, datasets_cache):
+    """Timestamps in the image column, and a path that poses as a reference to embedded bytes: refused by row and
+    id, with the fix (never a TypeError or IndexError from inside the table reader)."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    question = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Red."}]
+    stamps, forged = str(tmp_path / "stamps.parquet"), str(tmp_path / "forged.parquet")
+    pq.write_table(pa.table({"id": ["t"], "conversations": [question],
+                             "image": pa.array([datetime.datetime(2026, 1, 1)], pa.timestamp("s"))}), stamps)
+    pq.write_table(pa.table({"id": ["f"], "conversations": [question], "image": ["embedded:99999:0"]}), forged)
+    report = str(pytest.raises(DataError, dataset_from, [stamps, forged], processor, 512, str(tmp_path)).value)
+    assert f"{stamps}[0] (id 't'): image 0: its image column holds timestamp[" in report
+    assert f"{forged}[0] (id 'f'): image 0: image path 'embedded:99999:0' begins with 'embedded:'" in report
+
+
+def test_an_amount_of_absurdly_many_copies_is_refused(tmp_path):
+    (a,) = touch(tmp_path, "a.json")
+    mixture = read_mixture(f"{a}:100000000000", None)
+    with pytest.raises(DataError, match=r"takes 100,000,000,000 samples of its 48 valid ones.*more than 1000 copies"):
+        select(mixture, fake_samples([48]), seed=0)
+    assert len(select(read_mixture(f"{a}:1000.0", None), fake_samples([48]), seed=0).indices) == 48000
+
+
+def test_validate_data_fails_where_training_would(parts, tmp_path, capsys):
+    """An empty list, a mixture that selects nothing: exit status 1, as training refuses them."""
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    data, images = write_dataset(str(tmp_path / "d"))
+    for data_path in (str(empty), f"{data}:0.0000001"):
+        code = validate_data.main(["--vision_model_name_or_path", parts["vision"], "--language_model_name_or_path",
+                                   parts["lm"], "--data_path", data_path, "--image_folder", images])
+        assert code == 1, data_path
+    output = capsys.readouterr().out
+    assert "no samples in" in output and "selects no samples" in output
+    with pytest.raises(DataError, match="names no data file"):
+        read_mixture(",,", None)

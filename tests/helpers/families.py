@@ -218,6 +218,12 @@ def family_tokenizer(name: str) -> GPT2Tokenizer:
     tokenizer.bos_token = family.bos_token
     tokenizer.eos_token = family.eos_token
     tokenizer.pad_token = family.pad_token
+    # The markers beyond bos/eos/pad are listed as extra special tokens, as the real tokenizer_configs list them
+    # (`additional_special_tokens`: Qwen's <|im_start|>, Llama 3's header tokens, ...).
+    named = {family.bos_token, family.eos_token, family.pad_token}
+    extra = [token for token in family.special_tokens if token not in named]
+    if extra:
+        tokenizer.add_special_tokens({"extra_special_tokens": extra})
     tokenizer.chat_template = family.template
     return tokenizer
 

@@ -39,12 +39,15 @@ def tensor_names(folder: str) -> list[str]:
         return list(f.keys())
 
 
-def run_consumer(spec: dict, tmp_path) -> dict:
-    """`portable_consumer.py` under transformers 4.57: its results per folder."""
-    spec_path, result_path = tmp_path / "spec.json", tmp_path / "result.pt"
+def run_consumer(spec: dict, tmp_path, protobuf: bool = True) -> dict:
+    """`portable_consumer.py` under transformers 4.57 (`protobuf` False: with protobuf hidden): its results per
+    folder."""
+    name = "with" if protobuf else "without"
+    spec_path, result_path = tmp_path / f"spec_{name}.json", tmp_path / f"result_{name}.pt"
     spec_path.write_text(json.dumps(spec))
-    subprocess.run([consumer_python(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "portable_consumer.py"),
-                    str(spec_path), str(result_path)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PORTABLE_CONSUMER_NO_PROTOBUF": "0" if protobuf else "1"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "portable_consumer.py")
+    subprocess.run([consumer_python(), script, str(spec_path), str(result_path)], check=True, env=env)
     result = torch.load(result_path, weights_only=False)
     assert result["transformers"].startswith(CONSUMER_TRANSFORMERS + ".") and result["torch"] == torch.__version__
     return result["results"]

@@ -3,18 +3,25 @@
     python tests/helpers/portable_consumer.py SPEC.json RESULT.pt
 
 SPEC: {"folders": [...], "image": PNG path, "question": text, "attn_implementation": optional, "processor_only":
-optional (then only `preprocess`). For each folder: load the model with plain
-transformers (`output_loading_info`), build the prompt with the processor's chat template, and record the loading
-info, input ids and logits. Uses nothing of train_llava, so it runs in the transformers 4.57 venv of test_portable.
+optional (then only `preprocess`), "pipeline": optional (also answer through `pipeline("image-text-to-text")`)}.
+For each folder: load the model with plain transformers (`output_loading_info`), build the prompt with the
+processor's chat template, and record the loading info, input ids, logits and the tokenizer's special tokens. Uses
+nothing of train_llava, so it runs in the transformers 4.57 venv (tests/helpers/portable.py). With
+PORTABLE_CONSUMER_NO_PROTOBUF=1 in the environment, protobuf is hidden, as on a machine without it (4.57 then
+reports some tokenizer errors as "requires the protobuf library").
 """
 
 import json
+import os
 import sys
+
+if os.environ.get("PORTABLE_CONSUMER_NO_PROTOBUF") == "1":
+    sys.modules["google.protobuf"] = None  # `import google.protobuf` fails and find_spec finds nothing
 
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
 
 
 def preprocess(folder: str, image: Image.Image) -> dict:
@@ -34,9 +41,18 @@ def consume(folder: str, image: Image.Image, question: str, attn_implementation:
     inputs = processor(text=prompt, images=[image], return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits
+    tokenizer = processor.tokenizer
     return {"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
             "input_ids": inputs["input_ids"], "logits": logits, "tied": model.lm_head.weight is
-            model.get_input_embeddings().weight}
+            model.get_input_embeddings().weight,
+            "special_tokens": sorted(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))}
+
+
+def answer(folder: str, image: Image.Image, question: str) -> str:
+    """What `pipeline("image-text-to-text")` answers, greedily, in a few tokens."""
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    output = pipeline("image-text-to-text", model=folder)(text=messages, max_new_tokens=4, do_sample=False)
+    return output[0]["generated_text"][-1]["content"]
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -48,6 +64,9 @@ def main(spec_path: str, result_path: str) -> None:
     else:
         results = {folder: consume(folder, image, spec["question"], spec.get("attn_implementation"))
                    for folder in spec["folders"]}
+        if spec.get("pipeline"):
+            for folder in spec["folders"]:
+                results[folder]["answer"] = answer(folder, image, spec["question"])
     torch.save({"transformers": transformers.__version__, "torch": torch.__version__, "results": results},
                result_path)
 

@@ -60,6 +60,9 @@ def gpt2_tokenizer(chat_template: str = CHATML_TEMPLATE) -> GPT2Tokenizer:
     tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges)
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")],
                          special_tokens=True)
+    # Listed as the tokenizer's extra special tokens, as Qwen's and Llama's tokenizers list theirs (5.x saves them
+    # under `extra_special_tokens`, a form transformers 4.x cannot read: the outputs must carry them readably).
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.chat_template = chat_template
     return tokenizer
@@ -183,11 +186,12 @@ def dataset_from(paths: list[str], processor, max_length: int, image_folder, **k
 
 
 def prepared(paths: list[str], processor, max_length: int, image_folder, allow_absolute_image_paths: bool = False,
-             num_workers: int | None = None):
+             num_workers: int | None = None, decode_images: bool = False):
     """`prepare_samples` (the checking pass) over data files, as `dataset_from` names them."""
     sources = _sources(paths, image_folder)
     images = image_readers(sources.paths, sources.image_folders, allow_absolute_image_paths)
-    return prepare_samples(sources.paths, processor, max_length, image_token_count(processor), images, num_workers)
+    return prepare_samples(sources.paths, processor, max_length, image_token_count(processor), images, num_workers,
+                           decode_images)
 
 
 def _sources(paths: list[str], image_folder) -> Mixture:

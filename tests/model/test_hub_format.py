@@ -70,18 +70,24 @@ def test_every_output_holds_llava_hf_names(outputs):
         assert ("language_model.lm_head.weight" in names) == (kind in ("final", "checkpoint")), kind  # tied: left out
 
 
-def test_transformers_4_57_loads_every_output_as_5x_does(outputs, parts, tmp_path):
+@pytest.mark.parametrize("protobuf", [True, False], ids=["with_protobuf", "without_protobuf"])
+def test_transformers_4_57_loads_every_output_as_5x_does(outputs, parts, tmp_path, protobuf):
+    """The tiny LM's tokenizer lists extra special tokens (as Qwen's and Llama's do), which 5.x saves in a form 4.x
+    cannot read; without protobuf 4.57 would also misreport that as a missing library."""
     spec = {"folders": list(outputs.values()), "image": os.path.join(parts["images"], "img0.png"),
-            "question": QUESTION}
-    results = run_consumer(spec, tmp_path)
+            "question": QUESTION, "pipeline": True}
+    results = run_consumer(spec, tmp_path, protobuf=protobuf)
     image = Image.open(spec["image"]).convert("RGB")
     for folder in spec["folders"]:
         theirs, ours = results[folder], consume(folder, image, QUESTION)
         assert theirs["missing"] == theirs["unexpected"] == [], folder
         assert ours["missing"] == ours["unexpected"] == [], folder
         assert torch.equal(theirs["input_ids"], ours["input_ids"]), folder
+        assert theirs["special_tokens"] == ours["special_tokens"], folder
+        assert {"<|im_start|>", "<|im_end|>"} <= {token for token, _ in ours["special_tokens"]}, folder
         assert theirs["tied"] == ours["tied"] == (folder.startswith(outputs["merged"])), folder
         torch.testing.assert_close(theirs["logits"], ours["logits"], atol=1e-4, rtol=0)
+        assert isinstance(theirs["answer"], str), folder
 
 
 def test_transformers_4_57_preprocesses_images_as_5x_for_every_tower_and_aspect_ratio(parts, tmp_path):

@@ -200,6 +200,14 @@ def test_lora_on_the_vision_tower_alone_is_accepted():
     assert args.lora.lora_targets == ["vision_tower.all-linear"]
 
 
+def test_adapter_and_merged_weights_follow_the_umask(qlora_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = glob.glob(os.path.join(qlora_run, "**", "*.safetensors"), recursive=True)
+    assert any(w.endswith("adapter_model.safetensors") for w in weights)
+    assert {w: oct(os.stat(w).st_mode & 0o777) for w in weights} == {w: oct(0o666 & ~umask) for w in weights}
+
+
 def test_generate_and_evaluate_accept_a_lora_checkpoint(qlora_run, parts, capsys):
     from llava import evaluate, generate
     checkpoint = os.path.join(qlora_run, "checkpoint-4")

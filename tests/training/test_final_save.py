@@ -21,7 +21,7 @@ from llava.train import main
 from llava.training.checkpoints import (COMPLETE_MARKER, ForeignCheckpointError, begin_save, is_complete,
                                         resolve_resume_checkpoint, rotate_checkpoints)
 from llava.training.preemption import PREEMPTED_EXIT_CODE
-from llava.training.run_lock import LOCK_NAME, OutputDirBusyError, check_writable, run_lock
+from llava.training.run_lock import LOCK_NAME, OutputDirBusyError, _still_named, check_writable, run_lock
 from tests.helpers.outputs import REPO, assert_loads_and_generates
 from tests.helpers.runs import CHECKPOINTED, Run, fake_checkpoint
 
@@ -145,7 +145,10 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, ca
     holder.wait()
     with run_lock(out):
         assert f"taking over the lock of a run that ended without releasing it (pid {holder.pid} " in caplog.text
-    assert open(os.path.join(out, LOCK_NAME)).read() == ""  # released
+        opened_meanwhile = open(os.path.join(out, LOCK_NAME))  # by a run that starts as this one ends
+    assert not os.path.exists(os.path.join(out, LOCK_NAME))  # released: nothing left beside the model's files
+    assert not _still_named(opened_meanwhile, os.path.join(out, LOCK_NAME))  # that run would lock a new file
+    opened_meanwhile.close()
 
 
 def test_a_read_only_output_dir_is_refused_up_front(tmp_path):
@@ -249,8 +252,9 @@ def test_sigterm_to_the_process_group_with_workers_saves_a_checkpoint(killed_run
 def test_a_second_run_on_a_busy_output_dir_is_refused_at_once(killed_runs):
     out, phases = killed_runs
     first = phases["first_final"]
-    assert first["second_rc"] == 1
-    assert f"--output_dir {out} is in use by another run: pid {first['pid']} on " in first["second_log"]
+    assert first["second_rc"] == 2  # a user's error: one line, no traceback
+    assert f"error: --output_dir {out} is in use by another run: pid {first['pid']} on " in first["second_log"]
+    assert "Traceback" not in first["second_log"]
     assert "'loss'" not in first["second_log"]
 
 
