@@ -1,90 +1,106 @@
-"""Accuracy of a checkpoint's greedy answers on LLaVA-format question/answer samples.
+"""Accuracy of a checkpoint's greedy answers, and how much of it comes from the image (a blind control).
 
     python -m llava.evaluate --model_name_or_path DIR --data_path test.json --image_folder IMGS \
-        [--max_samples N] [--batch_size B] [--output_file predictions.jsonl]
+        [--max_samples N] [--batch_size B] [--output_file predictions.jsonl] [--log_dir runs/eval]
 
-Each sample's last turn is the reference answer; the turns before it are the prompt. Answers are compared
-after normalisation (case, surrounding whitespace and punctuation). A sample's optional `answer_type` field
-groups the accuracy. The last stdout line is one JSON object: accuracy, num_samples, per-type figures.
+`--data_path` takes every form training reads (JSON/JSONL, parquet/arrow/`save_to_disk`, mixtures). Each sample's
+last turn is the reference answer; the turns before it are the prompt. Answers are compared after normalisation
+(case, surrounding whitespace and punctuation); a sample's optional `answer_type` field groups the figures. Every
+question is asked again with blank images (`llava.model.evaluation`: why blank rather than masked); the gap
+sighted - blind per type says what the model takes from the image. The last stdout line is one JSON object:
+accuracy, per-type accuracies, the blind control's (`blind_accuracy_by_type`), the gaps, yes/no figures (precision,
+recall, F1, yes-ratio, as POPE reports them) and the most frequent mistakes.
 """
 
 from __future__ import annotations
 
 import json
-import string
-from collections import defaultdict
+import os
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
+from PIL import Image
 
-from llava.data.images import load_image, resolve_image_path
-from llava.data.records import load_samples
-from llava.data.types import Sample
+from llava.data.images import ImageReader, image_readers, load_image
+from llava.data.mixture import read_mixture, select
+from llava.data.records import iter_samples
+from llava.data.types import DataError, Sample
+from llava.model.evaluation import log_to_tensorboard, predict, score, write_predictions
 from llava.model.inference import Answerer, InferenceArguments, load_for_inference
 from llava.reporting import run_command
 from llava.training.parsing import parse_flags
 
-
-def normalize(answer: str) -> str:
-    return " ".join(answer.lower().strip().strip(string.punctuation + " ").split())
-
-
-def evaluate(answerer: Answerer, samples: list[Sample], image_folder: str | None, batch_size: int = 16,
-             output_file: str | None = None, max_image_pixels: int | None = None) -> dict:
-    """Answer every sample and return the accuracy overall and per `answer_type`."""
-    correct, total = defaultdict(int), defaultdict(int)
-    predictions = open(output_file, "w", encoding="utf-8") if output_file else None
-    try:
-        for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", unit="batch"):
-            batch = samples[start: start + batch_size]
-            images = [[load_image(resolve_image_path(image_folder, path, s), max_image_pixels) for path in s.images]
-                      for s in batch]
-            answers = answerer.answer([s.messages[:-1] for s in batch], images)
-            for sample, answer in zip(batch, answers):
-                reference = sample.messages[-1].content
-                is_correct = normalize(answer) == normalize(reference)
-                answer_type = sample.metadata.get("answer_type", "all")
-                for key in {"all", answer_type}:
-                    total[key] += 1
-                    correct[key] += is_correct
-                if predictions:
-                    predictions.write(json.dumps({"id": sample.id, "answer_type": answer_type, "reference": reference,
-                                                  "prediction": answer, "correct": is_correct}) + "\n")
-    finally:
-        if predictions:
-            predictions.close()
-    by_type = {key: correct[key] / total[key] for key in sorted(total) if key != "all"}
-    return {"accuracy": correct["all"] / max(total["all"], 1), "num_samples": total["all"],
-            "accuracy_by_type": by_type, "num_samples_by_type": {key: total[key] for key in by_type}}
-
-
-def evaluation_samples(data_path: str, max_samples: int | None) -> list[Sample]:
-    samples = load_samples([p for p in data_path.split(",") if p])
-    unanswered = [s.describe() for s in samples if s.messages[-1].role != "assistant"]
-    if unanswered:
-        raise ValueError(f"Evaluation samples must end with the reference answer (an assistant turn): "
-                         f"{', '.join(unanswered[:5])}")
-    return samples[:max_samples] if max_samples else samples
-
-
 @dataclass
 class EvaluateArguments:
-    data_path: str = field(metadata={"help": "LLaVA .json/.jsonl file(s), comma-separated; each sample's last turn "
-                                             "is the reference answer."})
+    data_path: str = field(metadata={"help": "Questions with reference answers, in any form training reads (LLaVA "
+                                             ".json/.jsonl, .parquet/.arrow, save_to_disk folders, comma-separated "
+                                             "or with amounts, or a mixture file); each sample's last turn is the "
+                                             "reference answer."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the samples' image paths are relative to."})
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate the first N samples only."})
     batch_size: int = field(default=16, metadata={"help": "Questions answered together (left-padded)."})
     max_new_tokens: int = field(default=16, metadata={"help": "Longest answer, in tokens (greedy decoding)."})
+    blind_control: bool = field(
+        default=True, metadata={"help": "Also answer every question with blank images (the image processor's mean "
+                                        "colour), and report sighted - blind per answer type. Doubles the time."})
     output_file: str | None = field(
-        default=None, metadata={"help": "Write one JSON line per sample: reference, prediction, correct."})
+        default=None, metadata={"help": "Write one JSON line per sample: reference, prediction, correct (blind too)."})
+    log_dir: str | None = field(
+        default=None, metadata={"help": "Also log the figures to TensorBoard here (scalars, and a grid of images "
+                                        "with question, answer and target), at the checkpoint's global step."})
+
+
+def evaluation_samples(data_path: str, image_folder: str | None, max_samples: int | None = None
+                       ) -> tuple[list[Sample], list[ImageReader]]:
+    """The samples `data_path` names (a mixture's amounts drawn with seed 0), each ending with its reference
+    answer, and one image reader per source. Raises `DataError` naming a malformed sample or one with no answer."""
+    mixture = read_mixture(data_path, image_folder)
+    samples = []
+    for item in iter_samples(mixture.paths):
+        if isinstance(item, DataError):
+            raise item
+        if item.messages[-1].role != "assistant":
+            raise DataError(f"{item.describe()}: an evaluation sample must end with its reference answer (an "
+                            "assistant turn).", kind="last_turn_not_assistant")
+        samples.append(item)
+    if any(source.amount for source in mixture.sources):
+        samples = [samples[i] for i in select(mixture, samples, seed=0).indices]
+    return (samples[:max_samples] if max_samples else samples), image_readers(mixture.paths, mixture.image_folders)
+
+
+def evaluate(answerer: Answerer, samples: list[Sample], images: list[ImageReader], batch_size: int = 16,
+             output_file: str | None = None, max_image_pixels: int | None = None, blind_control: bool = True,
+             log_dir: str | None = None, step: int = 0) -> dict:
+    """Answer every sample (and, with `blind_control`, again blind) and score it (`llava.model.evaluation.score`);
+    `images` holds one reader per source (`evaluation_samples`)."""
+    def images_of(sample: Sample) -> list[Image.Image]:
+        return [load_image(images[sample.source].file(reference, sample), max_image_pixels)
+                for reference in sample.images]
+
+    predictions = predict(answerer, samples, images_of, batch_size, blind=blind_control)
+    result = score(predictions)
+    if output_file:
+        write_predictions(predictions, output_file)
+    if log_dir:
+        log_to_tensorboard(log_dir, result, predictions, samples, images_of, step)
+    return result
+
+
+def _global_step(path: str) -> int:
+    """The checkpoint's training step (its trainer_state.json), 0 when it has none (a hub checkpoint)."""
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, args = parse_flags((InferenceArguments, EvaluateArguments), argv)
-    samples = evaluation_samples(args.data_path, args.max_samples)
+    samples, images = evaluation_samples(args.data_path, args.image_folder, args.max_samples)
     model, processor = load_for_inference(model_args.model_name_or_path, model_args.dtype)
-    result = evaluate(Answerer(model, processor, args.max_new_tokens), samples, args.image_folder, args.batch_size,
-                      args.output_file, model_args.max_image_pixels)
+    result = evaluate(Answerer(model, processor, args.max_new_tokens), samples, images, args.batch_size,
+                      args.output_file, model_args.max_image_pixels, args.blind_control, args.log_dir,
+                      _global_step(model_args.model_name_or_path))
     print(json.dumps(result))
     return result
 

@@ -25,7 +25,8 @@ from transformers import HfArgumentParser
 
 from llava.data.records import load_samples
 from llava.demo.smollm2 import ensure_smollm2
-from llava.evaluate import evaluate, normalize
+from llava.evaluate import evaluate, evaluation_samples
+from llava.model.evaluation import normalize
 from llava.model.inference import Answerer, load_for_inference
 
 DATA_DIR = "data/easy_vqa"
@@ -88,10 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     with open(os.path.join(DATA_DIR, "meta.json"), encoding="utf-8") as f:
         image_folder = json.load(f)["image_folder"]
-    test_samples = load_samples([os.path.join(DATA_DIR, "test.json")])
+    test_samples, images = evaluation_samples(os.path.join(DATA_DIR, "test.json"), image_folder)
     model, processor = load_for_inference(os.path.join(OUTPUT_DIR, "stage2"))
-    result = evaluate(Answerer(model, processor, max_new_tokens=5), test_samples, image_folder, batch_size=32,
-                      output_file=os.path.join(OUTPUT_DIR, "test_predictions.jsonl"))
+    result = evaluate(Answerer(model, processor, max_new_tokens=5), test_samples, images, batch_size=32,
+                      output_file=os.path.join(OUTPUT_DIR, "test_predictions.jsonl"),
+                      log_dir=os.path.join(OUTPUT_DIR, "stage2", "runs", "eval"))
     result.update(question_only_baselines(os.path.join(DATA_DIR, "stage2_instruct.json"), test_samples))
     result.update({"recipe": "demo-full" if args.full else "demo", "minutes": round((time.time() - start) / 60, 1)})
     print(json.dumps(result))

@@ -5,28 +5,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
 from torch.utils.tensorboard import SummaryWriter
 from transformers import TrainerCallback
 
 from llava.data.images import load_image, resolve_image_path
 from llava.data.types import Sample
+from llava.model.evaluation import sample_card
 from llava.model.inference import Answerer
 from llava.model.sharding import parameters_sharded
-
-CARD_WIDTH, IMAGE_SIDE, LINE_HEIGHT = 320, 160, 14
-
-
-def sample_card(image: Image.Image | None, lines: list[str]) -> Image.Image:
-    """The image, enlarged, above the question / answer / truth text, as one picture for the Images tab."""
-    card = Image.new("RGB", (CARD_WIDTH, IMAGE_SIDE + 8 + LINE_HEIGHT * len(lines)), "white")
-    if image is not None:
-        card.paste(image.resize((IMAGE_SIDE, IMAGE_SIDE)), ((CARD_WIDTH - IMAGE_SIDE) // 2, 0))
-    draw = ImageDraw.Draw(card)
-    for row, line in enumerate(lines):
-        draw.text((4, IMAGE_SIDE + 4 + row * LINE_HEIGHT), line[:52], fill="black")
-    return card
-
 
 class SampleAnswersCallback(TrainerCallback):
     """At every checkpoint save and at the end, answer a few held-out samples greedily and log them to
