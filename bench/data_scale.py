@@ -31,50 +31,75 @@ from tests.helpers.tiny_parts import save_language_model  # noqa: E402  (the rep
 
 WORDS = ("the a man woman dog cat red blue green small large table street car bus tree sky picture image left right "
          "holding sitting standing near behind front of in on with two three people building window sign white black "
-         "looks like there is are what where how many colour shape").split()
+         "looks like there is are what where how many colour shape kitchen pizza plate train station water boat "
+         "field grass playing ball frisbee wearing shirt hat umbrella snow ski board bench clock tower room bed "
+         "computer desk phone book shelf bottle glass food sandwich horse sheep cow elephant giraffe zebra bird "
+         "airplane sky cloud mountain road traffic light motorcycle bicycle person child girl boy group young old "
+         "because however which would could should also their other about into over after before during while "
+         "suggests indicates possibly likely appears overall scene background foreground several various").split()
+# ShareGPT holds other languages and emoji: one character beyond U+FFFF makes Python hold the file's text at 4 bytes
+# per character, as the real mix665k does.
+OTHER_SCRIPTS = "café naïve über 日本語 中文 русский 한국어 😀 👍 🚀".split()
+ONE_WORD = "\nAnswer the question using a single word or phrase."
+OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
+
+# LLaVA-1.5's mix665k, source by source (paper, table 7): samples, image folder and path pattern, distinct images,
+# rounds per sample, words per question and answer, and the instruction appended to each question. Text lengths are
+# set so that the file is ~1.05 GB, like the published llava_v1_5_mix665k.json.
+SOURCES = (  # name, share, folder, images, rounds, question words, answer words, suffix
+    ("llava_conversation", 58_000, "coco/train2017", 81_000, (2, 6), (6, 16), (30, 110), ""),
+    ("llava_detail", 23_000, "coco/train2017", 81_000, (1, 1), (6, 12), (120, 260), ""),
+    ("llava_reasoning", 77_000, "coco/train2017", 81_000, (1, 2), (10, 30), (80, 220), ""),
+    ("sharegpt", 40_000, None, 0, (1, 7), (10, 80), (100, 320), ""),
+    ("vqav2", 83_000, "coco/train2017", 83_000, (2, 9), (4, 9), (1, 2), ONE_WORD),
+    ("gqa", 72_000, "gqa/images", 72_000, (3, 17), (5, 12), (1, 2), ONE_WORD),
+    ("okvqa", 9_000, "coco/train2017", 9_000, (1, 2), (5, 12), (1, 2), ONE_WORD),
+    ("ocrvqa", 80_000, "ocr_vqa/images", 80_000, (3, 7), (4, 10), (1, 4), ONE_WORD),
+    ("aokvqa", 66_000, "coco/train2017", 17_000, (1, 1), (25, 45), (1, 1), OPTION_LETTER),
+    ("textcaps", 22_000, "textvqa/train_images", 22_000, (1, 1), (20, 60), (8, 20), ""),
+    ("refcoco", 48_000, "coco/train2014", 17_000, (3, 12), (4, 10), (6, 12), ""),
+    ("vg", 86_000, "vg/VG_100K", 86_000, (4, 12), (6, 12), (6, 12), ""),
+)
 
 
-@dataclass
-class DataScaleArguments:
-    num_samples: int = field(default=665_000, metadata={"help": "Samples in the generated mix."})
-    work_dir: str = field(default="output/data_scale", metadata={"help": "Where the mix, images and runs go."})
-    ranks: str = field(default="1", metadata={"help": "Comma-separated process counts to time (torchrun when > 1)."})
-    output_json: str | None = field(default=None, metadata={"help": "Also write the figures here."})
-
-
-def words(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+def words(rng: random.Random, low: int, high: int, vocabulary: list[str] = WORDS) -> str:
+    return " ".join(rng.choices(vocabulary, k=rng.randint(low, high)))
 
 
 def generate_mix(path: str, image_folder: str, num_samples: int, seed: int = 0) -> None:
+    """A mix shaped like LLaVA-1.5's mix665k (`SOURCES`), scaled to `num_samples`, shuffled as the original is;
+    one small PNG per distinct image (~380k at full size), checked by the data path like any image."""
     rng = random.Random(seed)
-    num_images = max(1, num_samples // 30)
-    os.makedirs(image_folder, exist_ok=True)
-    for index in range(num_images):
-        name = os.path.join(image_folder, f"{index % 100:02d}", f"{index}.png")
-        if not os.path.exists(name):
-            os.makedirs(os.path.dirname(name), exist_ok=True)
-            Image.new("RGB", (32, 32), tuple(rng.randrange(256) for _ in range(3))).save(name)
+    scale = num_samples / sum(source[1] for source in SOURCES)
+    kinds = [index for index, source in enumerate(SOURCES) for _ in range(round(source[1] * scale))]
+    kinds = (kinds + kinds[:max(0, num_samples - len(kinds))])[:num_samples]
+    rng.shuffle(kinds)
+    folders = {}
+    for name, _, folder, count, *_ in SOURCES:
+        if folder:
+            folders[folder] = max(folders.get(folder, 0), max(1, round(count * scale)))
+    for folder, count in folders.items():
+        os.makedirs(os.path.join(image_folder, folder), exist_ok=True)
+        for index in range(count):
+            name = os.path.join(image_folder, folder, f"{index:012d}.png")
+            if not os.path.exists(name):
+                Image.new("RGB", (32, 32), (index % 256, index // 256 % 256, 0)).save(name)
     with open(path, "w", encoding="utf-8") as f:
         f.write("[")
-        for index in range(num_samples):
-            kind = rng.random()
-            if kind < 0.06:  # ShareGPT-like text-only
-                turns = []
-                for _ in range(rng.randint(1, 5)):
-                    turns += [{"from": "human", "value": words(rng, 10, 60)}, {"from": "gpt", "value": words(rng, 80, 300)}]
-                record = {"id": f"t{index}", "conversations": turns}
-            else:
-                rounds, question, answer = ((rng.randint(2, 6), (6, 16), (20, 80)) if kind < 0.30 else
-                                            (rng.randint(1, 8), (4, 10), (1, 3)))
-                turns = []
-                for turn in range(rounds):
-                    text = words(rng, *question) + "?"
-                    turns += [{"from": "human", "value": ("<image>\n" + text) if turn == 0 else text},
-                              {"from": "gpt", "value": words(rng, *answer)}]
-                image = rng.randrange(num_images)
-                record = {"id": f"i{index}", "image": f"{image % 100:02d}/{image}.png", "conversations": turns}
-            f.write(("," if index else "") + json.dumps(record))
+        for index, kind in enumerate(kinds):
+            name, _, folder, _, rounds, question, answer, suffix = SOURCES[kind]
+            turns = []
+            vocabulary = WORDS + OTHER_SCRIPTS if name == "sharegpt" and rng.random() < 0.1 else WORDS
+            for turn in range(rng.randint(*rounds)):
+                text = words(rng, *question, vocabulary) + "?" + suffix
+                if folder and turn == 0:
+                    text = "<image>\n" + text
+                turns += [{"from": "human", "value": text}, {"from": "gpt", "value": words(rng, *answer, vocabulary)}]
+            record = {"id": f"{name}-{index}", "conversations": turns}
+            if folder:
+                record = {"id": record["id"], "image": f"{folder}/{rng.randrange(folders[folder]):012d}.png",
+                          "conversations": turns}
+            f.write(("," if index else "") + json.dumps(record, ensure_ascii=False))
         f.write("]")
 
 
@@ -139,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "--language_model_name_or_path", lm, "--data_path", data_path, "--image_folder", image_folder,
                        "--freeze_language_model", "True", "--per_device_train_batch_size", "2", "--max_steps", "1",
                        "--save_strategy", "no", "--report_to", "none", "--output_dir", output_dir,
-                       "--model_max_length", "4096", "--skip_invalid_samples", "True"]
+                       "--model_max_length", "2048", "--skip_invalid_samples", "True"]
             key = f"ranks_{ranks}_{state}"
             results[key] = measured(command, env)
             print(key, results[key], flush=True)

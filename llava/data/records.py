@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 
+from llava.data.json_list import json_list_items, malformed_json, not_utf8, too_deep
 from llava.data.tables import is_table, read_table_records
 from llava.data.types import IMAGE_PLACEHOLDER, DataError, Message, Sample
 
@@ -37,86 +37,32 @@ def read_records(path: str, advance: Callable[[int], None] = lambda size: None):
                     except DataError as error:
                         yield location, error
             return
-        data = f.read()
-    text = _decode(data, path)
-    bytes_per_character, read = len(data) / max(1, len(text)), 0
-    del data
-    for index, (record, end) in enumerate(_json_list_items(text, path)):
-        advance(round(end * bytes_per_character) - read)
-        read = round(end * bytes_per_character)
-        yield f"{path}[{index}]", record
-    advance(round(len(text) * bytes_per_character) - read)
+        items = json_list_items(f, path, advance, lambda text: _not_a_list(text, path))
+        for index, record in enumerate(items):
+            yield f"{path}[{index}]", record
 
 
-_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _json_list_items(text: str, where: str) -> Iterator[tuple[object, int]]:
-    """The items of the JSON list in `text`, parsed one at a time, each with the position where it ends.
-
-    Why not `json.loads`: parsed records take ~5x their text's size (a 650 MB mix665k file is 3.1 GB as Python
-    objects), and only a chunk of them is needed at a time; this holds the text and one chunk's records."""
-    decoder = json.JSONDecoder()
-    position = _SPACE.match(text).end()
-    if not text.startswith("[", position):
-        kind = type(_parse_json(text, where)).__name__  # a malformed file is reported as such, else what it holds
-        raise DataError(f"{where}: expected a JSON list of samples, got {kind}. Use a .jsonl file for one sample "
-                        "per line.", kind="malformed_json")
-    position = _SPACE.match(text, position + 1).end()
-    if text.startswith("]", position):
-        _check_end(text, position + 1, where)
-        return
-    while True:
-        try:
-            record, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError as error:
-            raise _json_error(error, where) from None
-        except RecursionError:
-            raise _too_deep(where) from None
-        yield record, position
-        position = _SPACE.match(text, position).end()
-        if text.startswith(",", position):
-            position = _SPACE.match(text, position + 1).end()
-        elif text.startswith("]", position):
-            _check_end(text, position + 1, where)
-            return
-        else:
-            raise _json_error(json.JSONDecodeError("Expecting ',' delimiter", text, position), where)
-
-
-def _check_end(text: str, position: int, where: str) -> None:
-    position = _SPACE.match(text, position).end()
-    if position != len(text):
-        raise _json_error(json.JSONDecodeError("Extra data", text, position), where)
+def _not_a_list(text: str, where: str) -> DataError:
+    """The error for a .json file that holds something else than a list: its own parse error if it is malformed."""
+    kind = type(_parse_json(text, where)).__name__
+    return DataError(f"{where}: expected a JSON list of samples, got {kind}. Use a .jsonl file for one sample per "
+                     "line.", kind="malformed_json")
 
 
 def _decode(data: bytes, where: str) -> str:
-    """`data` as UTF-8 text; other encodings (Latin-1 exports, say) are refused where they start."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise DataError(f"{where}: not UTF-8 text (byte {data[error.start]:#04x} at line {line}); re-encode the "
-                        "file as UTF-8, e.g. `iconv -f latin1 -t utf-8`.", kind="not_utf8") from None
+        raise not_utf8(where, data, error.start) from None
 
 
 def _parse_json(text: str, where: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise _json_error(error, where) from None
+        raise malformed_json(where, error.msg, error.lineno, error.colno) from None
     except RecursionError:
-        raise _too_deep(where) from None
-
-
-def _json_error(error: json.JSONDecodeError, where: str) -> DataError:
-    position = f"column {error.colno}" if error.lineno == 1 else f"line {error.lineno}, column {error.colno}"
-    return DataError(f"{where}: malformed JSON at {position}: {error.msg}", kind="malformed_json")
-
-
-def _too_deep(where: str) -> DataError:
-    return DataError(f"{where}: JSON nested too deeply to parse; a LLaVA sample needs only a few levels.",
-                     kind="malformed_json")
+        raise too_deep(where) from None
 
 
 def to_sample(record: dict, location: str) -> Sample:

@@ -31,6 +31,7 @@ import numpy as np
 
 from llava.data.types import DataError, Sample
 from llava.utils.files import fsync_dir, fsync_tree, write_json_atomically
+from llava.utils.memory import memory_line
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,8 @@ def cached(cache_dir: str | None, key: str, build: Callable[[], PreparedData]) -
         if os.path.isfile(os.path.join(folder, _COMPLETE)):
             try:
                 data = load_prepared(folder)
-                logger.info("Tokenized data from the cache %s (%d samples).", folder, len(data.samples))
+                logger.info("Tokenized data from the cache %s (%d samples; %s).", folder, len(data.samples),
+                            memory_line())
                 return data
             except (OSError, ValueError) as error:
                 logger.warning("Rebuilding the unreadable data cache %s: %s", folder, error)
@@ -177,7 +179,7 @@ def cached(cache_dir: str | None, key: str, build: Callable[[], PreparedData]) -
                     raise
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
-        logger.info("Tokenized data cached in %s.", folder)
+        logger.info("Tokenized data cached in %s (%s).", folder, memory_line())
         return data
 
 

@@ -29,6 +29,9 @@ from llava.utils.files import follow_umask
 
 # Shorter shared prefixes are computed per row: the extra batch-1 pass would cost more than it saves.
 _MIN_SHARED_PREFIX = 8
+# Logits (trained tokens x vocabulary) held at once by the training loss; a batch with more trained tokens computes
+# its loss in chunks of this many logits (128 MB in float32).
+_LOSS_CHUNK_LOGITS = 1 << 25
 
 
 class LlavaProjector(LlavaMultiModalProjector):
@@ -159,13 +162,30 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         hidden = outputs.last_hidden_state  # (B, T-1, H): position t predicts token t+1
         targets = targets.to(hidden.device)  # (B, T-1)
         trained = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden[trained])  # (N, V), N = trained tokens in the batch
-        loss = F.cross_entropy(logits.float(), targets[trained], reduction="sum")
+        logits, loss = self._summed_loss(hidden[trained], targets[trained])  # N = trained tokens in the batch
         # Same normalisation as transformers' ForCausalLMLoss: by the tokens of the whole accumulated batch
         # when the Trainer passes that count, else by this batch's.
         denominator = num_items_in_batch if num_items_in_batch is not None else trained.sum().clamp(min=1)
         loss = loss / denominator
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _summed_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(logits (N, V), summed cross-entropy) of the N trained positions' `hidden` states (N, H).
+
+        Training a batch whose logits would exceed `_LOSS_CHUNK_LOGITS` (long answers: 4,000 trained tokens of a
+        150k vocabulary are 2.4 GB of float32 logits, and the loss holds about three such tensors until backward),
+        the loss is summed over chunks whose logits are recomputed in backward instead of kept: memory stays at one
+        chunk's, for one more lm_head pass over the trained tokens. Logits are then not returned (None)."""
+        chunk = max(256, _LOSS_CHUNK_LOGITS // self.config.text_config.vocab_size)
+        if not (torch.is_grad_enabled() and len(targets) > chunk):
+            logits = self.lm_head(hidden)
+            return logits, F.cross_entropy(logits.float(), targets, reduction="sum")
+        loss = sum(checkpoint(self._chunk_loss, part, part_targets, use_reentrant=False)
+                   for part, part_targets in zip(hidden.split(chunk), targets.split(chunk)))
+        return None, loss
+
+    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.lm_head(hidden).float(), targets, reduction="sum")
 
     def _flash_varlen_kwargs(self, position_ids: torch.Tensor | None) -> dict:
         """Flash attention's sequence boundaries for packed rows (`llava.data.packing`): where `position_ids` restart at

@@ -29,6 +29,7 @@ from llava.training.distributed import decided_by_main_process
 from llava.training.parsing import RunArguments
 from llava.training.preemption import PREEMPTED_EXIT_CODE
 from llava.training.trainer import LlavaTrainer
+from llava.utils.memory import memory_line
 
 logger = logging.getLogger("llava")
 
@@ -56,7 +57,7 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
                                       decode_images=bool(data_args.decode_images))
         seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
         train_dataset, mixture_record = apply_mixture(mixture, train_dataset, seed)
-    logger.info("%d training samples from %s", len(train_dataset), ", ".join(mixture.paths))
+    logger.info("%d training samples from %s (%s)", len(train_dataset), ", ".join(mixture.paths), memory_line())
     # Which checkpoint a resume continues is decided here, once, so that its data mixture is compared before any
     # weights load; the trainer then resumes exactly that one.
     checkpoint = decided_by_main_process(
@@ -74,6 +75,7 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
                                                processor, max_image_pixels=data_args.max_image_pixels))
 
     model = model_for_training(model_args, lora_args, training_args, processor, tokens_per_image)
+    logger.info("Model ready (%s)", memory_line())
     if training_args.packing:
         check_exact_packing(model)
     trainer = LlavaTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,

@@ -2,6 +2,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from llava.model import modeling
 from llava.model.components import components, parameter_table, set_trainable
 from llava.model.modeling import LlavaForConditionalGeneration
 from tests.helpers.tiny_parts import TOKENS_PER_IMAGE, assemble, batch, save_vision_model
@@ -44,6 +45,29 @@ def test_loss_on_trained_positions_equals_upstream_full_logits_loss(parts):
     torch.testing.assert_close(model(**inputs, num_items_in_batch=count).loss,
                                transformers.LlavaForConditionalGeneration.forward(
                                    model, **inputs, num_items_in_batch=count).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_in_chunks_gives_the_same_loss_and_gradients(parts, monkeypatch):
+    """A batch whose trained logits exceed the budget computes its loss chunk by chunk (logits recomputed in
+    backward): same loss and gradients as in one piece."""
+    model, processor = assemble(parts)
+    set_trainable(model, vision_tower=True, projector=True, language_model=True)
+    inputs = batch(parts, processor)
+    results = []
+    for budget in (1 << 40, 1):  # one piece; chunks of 256 trained tokens (the floor)
+        monkeypatch.setattr(modeling, "_LOSS_CHUNK_LOGITS", budget)
+        model.zero_grad(set_to_none=True)
+        repeated = {name: torch.cat([value] * 40) for name, value in inputs.items()}  # > 256 trained tokens
+        outputs = model(**repeated)
+        outputs.loss.backward()
+        results.append((outputs.loss.detach(), outputs.logits,
+                        {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+    (whole, logits, whole_grads), (chunked, no_logits, chunked_grads) = results
+    assert logits is not None and logits.shape[0] > 256 and no_logits is None
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert whole_grads.keys() == chunked_grads.keys() and len(whole_grads) > 10
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_frozen_tower_builds_no_graph_and_unfrozen_tower_trains(parts):
