@@ -4,10 +4,10 @@ next to LLaVA's own lazy dataset (json.load + its length list) on the same file.
     python bench/data_scale.py                      # 665k samples, shaped like LLaVA-1.5's mix665k
     python bench/data_scale.py --num_samples 20000 --ranks 1,2
 
-The mix: 24% multi-turn image conversations (LLaVA-Instruct), 6% long text-only conversations (ShareGPT), 70%
-short VQA (several single-phrase questions about one image); one image per image sample among `num_samples / 30`
-distinct 32x32 PNGs. The model is tiny (a 2-layer LM, a 1-layer CLIP at 336 px / patch 14: 576 image tokens per
-image, as CLIP-L/336), so what is measured is the data path. Each run is its own process; RSS is the largest
+The mix follows LLaVA-1.5's mix665k source by source (`SOURCES`: shares, image folders, rounds and text lengths,
+~1.09 GB at 665k; ShareGPT's text-only conversations partly in other scripts and emoji), one 32x32 PNG per distinct
+image (~360k). The model is tiny (a 2-layer LM, a 2-layer CLIP at 336 px / patch 14: 576 image tokens per image, as
+CLIP-L/336), so what is measured is the data path. Each run is its own process; RSS is the largest
 process's peak (one rank), CPU is user+system of the whole run (all ranks and workers).
 """
 
@@ -60,6 +60,14 @@ SOURCES = (  # name, share, folder, images, rounds, question words, answer words
     ("refcoco", 48_000, "coco/train2014", 17_000, (3, 12), (4, 10), (6, 12), ""),
     ("vg", 86_000, "vg/VG_100K", 86_000, (4, 12), (6, 12), (6, 12), ""),
 )
+
+
+@dataclass
+class DataScaleArguments:
+    num_samples: int = field(default=665_000, metadata={"help": "Samples in the generated mix."})
+    work_dir: str = field(default="output/data_scale", metadata={"help": "Where the mix, images and runs go."})
+    ranks: str = field(default="1", metadata={"help": "Comma-separated process counts to time (torchrun when > 1)."})
+    output_json: str | None = field(default=None, metadata={"help": "Also write the figures here."})
 
 
 def words(rng: random.Random, low: int, high: int, vocabulary: list[str] = WORDS) -> str:
