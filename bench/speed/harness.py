@@ -1,20 +1,23 @@
 """What every side of the speed benchmark shares: its command line, the stage rules, and the measurement.
 
-A side is one script (`side_ours.py`, `side_zero_nlp.py`, `side_trl.py`) that builds its trainer on the same
-model, data, batch size, learning rate, steps, threads and workers, wraps the trainer class with `instrument`
-and trains. Its last stdout line is one JSON object (`Recorder.result`).
+A side is one script (`side_ours.py`, `side_ours_packed.py`, `side_zero_nlp.py`, `side_trl.py`) that builds its
+trainer on the same model, data file, batch size, learning rate, threads and workers, wraps the trainer class with
+`instrument` and trains exactly one epoch over the data file (`run.py` hands every side the same fixed subset).
+Its last stdout line is one JSON object (`Recorder.result`).
 
 Measured in the training process:
-- steady-state throughput: wall time from the end of optimizer step `--warmup_steps` to the end of the last step
-  (each interval: fetch and collate the batch, forward, backward, optimizer step, Trainer bookkeeping);
-  samples/s = samples in those steps / time (a packed row counts the samples in it); tokens/s counts non-pad
-  tokens (image tokens included); `samples_measured` and `tokens_measured` are the totals behind them;
-- pad_fraction: padded positions / (rows x padded length) over the measured steps;
-- peak_rss_mb: the process's `ru_maxrss` (model load included);
+- train_s: wall time of the whole epoch, from the Trainer's `on_train_begin` (model, data and optimizer already
+  built: model load and data preparation are left out, `setup_s` gives them) to the end of the last optimizer
+  step; every step counts, the first included (fetch and collate the batch, forward, backward, optimizer step,
+  Trainer bookkeeping); samples_per_s = samples trained / train_s (a packed row counts the samples in it);
+- samples and tokens_fed: the samples and non-pad tokens (image tokens included) in the batches as this side's
+  collator built them (TRL's samples hold one token more than the others', the chat template's closing newline;
+  `run.py` therefore computes tokens/s from one count of the subset's tokens, the same for every side);
+- pad_fraction: padded positions / (rows x padded length) over the epoch; step_s_median: the median step;
+- peak_rss_mb: the largest `ru_maxrss` of this process (model load included) and of any child it waited for;
 - vision_graph: whether the vision tower's output required grad (an autograd graph through a frozen tower);
-- cpu_util: process CPU seconds per wall second in the window (2.0 = both cores busy; well below --threads
+- cpu_util: process CPU seconds per wall second over the epoch (2.0 = both cores busy; well below --threads
   means the run was starved by other load).
-Training stops after `--steps` steps, or earlier once `--target_seconds` of steady state were measured.
 Adapted from the harness that measured the baselines quoted in the speed issue (`shared/bench/bench_common.py`).
 """
 
@@ -27,6 +30,8 @@ import resource
 import statistics
 import sys
 import time
+
+PROCESS_START = time.perf_counter()  # sides import this module first
 
 # Learning rates and trained parts per stage (LLaVA-1.5's recipe; the vision tower stays frozen in both).
 STAGES = {
@@ -41,9 +46,6 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a LLaVA checkpoint folder (weights + processor)")
     p.add_argument("--data", required=True, help="LLaVA JSON")
     p.add_argument("--image_folder", required=True)
-    p.add_argument("--steps", type=int, default=200, help="max optimizer steps")
-    p.add_argument("--target_seconds", type=float, default=60.0, help="stop after this much steady state (0: off)")
-    p.add_argument("--warmup_steps", type=int, default=1, help="steps left out of the measurement (>= 1)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--workers", type=int, default=0, help="dataloader_num_workers")
     p.add_argument("--threads", type=int, default=2, help="torch threads in the training process")
@@ -57,8 +59,6 @@ def parser(description: str) -> argparse.ArgumentParser:
 def parse(description: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """Common flags, plus whatever follows (a side may pass them on, e.g. ours to train_llava.py)."""
     args, extra = parser(description).parse_known_args(argv)
-    if args.warmup_steps < 1:
-        raise SystemExit("--warmup_steps must be >= 1: the first step pays one-off costs")
     args.lr = STAGES[args.stage]["lr"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,7 +71,7 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[argparse.Nam
 def trainer_kwargs(args: argparse.Namespace, output_dir: str) -> dict:
     """TrainingArguments shared by the baselines (TRL's SFTConfig takes the same)."""
     kwargs = dict(output_dir=output_dir, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-                  max_steps=args.steps, logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
+                  num_train_epochs=1, max_steps=-1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
                   bf16=False, dataloader_num_workers=args.workers, dataloader_pin_memory=False, disable_tqdm=True,
                   seed=args.seed, data_seed=args.seed, remove_unused_columns=False)
     if args.grad_ckpt != "auto":
@@ -123,16 +123,16 @@ def packed_samples(position_ids, labels) -> tuple[int, int]:
 
 
 class Recorder:
-    """Per-step timings and batch statistics of one training run; `result()` is the side's JSON."""
+    """Timings and batch statistics of one training epoch; `result()` is the side's JSON."""
 
     def __init__(self, args: argparse.Namespace, side: str):
         self.args, self.side = args, side
         self.step_ends: list[float] = []
-        self.step_cpu: list[float] = []
         self.batches: list[dict] = []
         self.losses: list[float] = []
         self.vision_graph = False
-        self.train_start = time.perf_counter()
+        self.train_start = self.cpu_start = None
+        self.cpu_end = None
         self.load_start = os.getloadavg()[0]
 
     def on_batch(self, inputs: dict) -> None:
@@ -156,16 +156,11 @@ class Recorder:
 
         class StepClock(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
-                recorder.train_start = time.perf_counter()
+                recorder.train_start, recorder.cpu_start = time.perf_counter(), time.process_time()
 
             def on_step_end(self, args, state, control, **kwargs):
-                now = time.perf_counter()
-                recorder.step_ends.append(now)
-                recorder.step_cpu.append(time.process_time())
-                warmup, target = recorder.args.warmup_steps, recorder.args.target_seconds
-                measured = len(recorder.step_ends) - warmup
-                if target > 0 and measured >= 2 and now - recorder.step_ends[warmup - 1] >= target:
-                    control.should_training_stop = True
+                recorder.step_ends.append(time.perf_counter())
+                recorder.cpu_end = time.process_time()
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
@@ -179,33 +174,29 @@ class Recorder:
         model.model.vision_tower.register_forward_hook(self.on_vision_output)
 
     def result(self, extra: dict | None = None) -> dict:
-        a, warmup, ends = self.args, self.args.warmup_steps, self.step_ends
+        a, ends = self.args, self.step_ends
         res = {"side": self.side, "stage": a.stage, "model": os.path.basename(a.model.rstrip("/")),
                "data": os.path.basename(a.data), "batch_size": a.batch_size, "workers": a.workers,
-               "threads": a.threads, "steps_run": len(ends),
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
-        if len(ends) >= warmup + 2:
-            measured = self.batches[warmup:len(ends)]
-            seconds = ends[-1] - ends[warmup - 1]
-            samples = sum(b["samples"] for b in measured)
-            nonpad = sum(b["nonpad"] for b in measured)
-            slots = sum(b["rows"] * b["length"] for b in measured)
-            steps = [ends[i] - ends[i - 1] for i in range(warmup, len(ends))]
+               "threads": a.threads, "steps": len(ends), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+        if ends and len(self.batches) == len(ends):
+            seconds = ends[-1] - self.train_start
+            samples = sum(b["samples"] for b in self.batches)
+            nonpad = sum(b["nonpad"] for b in self.batches)
+            slots = sum(b["rows"] * b["length"] for b in self.batches)
+            steps = [end - start for start, end in zip([self.train_start, *ends], ends)]
             res.update({
-                "steps_measured": len(measured), "measured_s": round(seconds, 2),
-                "samples_measured": samples, "tokens_measured": nonpad,
-                "samples_per_step": round(samples / len(measured), 2),
-                "samples_per_s": round(samples / seconds, 3), "tokens_per_s": round(nonpad / seconds, 1),
+                "train_s": round(seconds, 2), "samples": samples, "tokens_fed": nonpad,
+                "samples_per_s": round(samples / seconds, 3), "tokens_fed_per_s": round(nonpad / seconds, 1),
                 "pad_fraction": round(1 - nonpad / slots, 4),
-                "tokens_per_sample": round(nonpad / samples, 1),
-                "trained_tokens_per_sample": round(sum(b["trained"] for b in measured) / samples, 2),
-                "step_s_median": round(statistics.median(steps), 3),
-                "cpu_util": round((self.step_cpu[-1] - self.step_cpu[warmup - 1]) / seconds, 2),
+                "trained_tokens_per_sample": round(sum(b["trained"] for b in self.batches) / samples, 2),
+                "step_s_median": round(statistics.median(steps), 3), "first_step_s": round(steps[0], 2),
+                "cpu_util": round((self.cpu_end - self.cpu_start) / seconds, 2),
             })
         else:
-            res["error"] = f"only {len(ends)} steps ran; need warmup {warmup} + 2"
-        res["first_step_s"] = round(ends[0] - self.train_start, 2) if ends else None
-        res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            res["error"] = f"{len(ends)} optimizer steps for {len(self.batches)} batches (one batch a step expected)"
+        res["setup_s"] = round(self.train_start - PROCESS_START, 2) if self.train_start else None
+        res["peak_rss_mb"] = round(max(resource.getrusage(who).ru_maxrss for who in
+                                       (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024, 1)
         res["vision_graph"] = self.vision_graph
         res["loss_first_last"] = [self.losses[0], self.losses[-1]] if self.losses else None
         res["load1_start"] = round(self.load_start, 2)

@@ -10,8 +10,6 @@ import os
 import sys
 import tempfile
 
-import torch
-
 import harness
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -34,30 +32,14 @@ def main(side: str = "ours", doc: str = __doc__, side_flags: tuple[str, ...] = (
     argv = ["--model_name_or_path", args.model, "--data_path", args.data, "--image_folder", args.image_folder,
             "--output_dir", tempfile.mkdtemp(prefix="speed-ours-"), *FREEZE_FLAGS[args.stage],
             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.lr),
-            "--max_steps", str(args.steps), "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
-            "--use_cpu", "True", "--dataloader_num_workers", str(args.workers), "--disable_tqdm", "True",
+            "--num_train_epochs", "1", "--max_steps", "-1", "--logging_steps", "1", "--save_strategy", "no",
+            "--report_to", "none", "--use_cpu", "True", "--dataloader_num_workers", str(args.workers), "--disable_tqdm", "True",
             "--seed", str(args.seed), "--data_seed", str(args.seed), "--model_max_length", "4096"]
     if args.grad_ckpt != "auto":
         argv += ["--gradient_checkpointing", str(args.grad_ckpt == "on")]
     trainer = llava.train.main(argv + train_flags)
-    lengths, rows = trainer.train_dataset.lengths, trainer.args.per_device_train_batch_size  # packed: rows' lengths
-    samples = getattr(trainer.train_dataset, "dataset", trainer.train_dataset)  # packed: the samples in the rows
-    harness.emit(recorder.result({
-        "grad_ckpt": bool(trainer.args.gradient_checkpointing), "train_flags": " ".join(train_flags),
-        "set_tokens_per_sample": round(sum(samples.lengths) / len(samples.lengths), 2),
-        "epoch_pad_fraction": epoch_pad_fraction(lengths, list(trainer._get_train_sampler()), rows),
-        "epoch_pad_fraction_random": epoch_pad_fraction(lengths, torch.randperm(len(lengths)).tolist(), rows),
-    }), args.out_json)
-
-
-def epoch_pad_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
-    """Padded share of all token slots over one epoch of batches taken in `order`."""
-    padded = slots = 0
-    for start in range(0, len(order), batch_size):
-        batch = [lengths[i] for i in order[start:start + batch_size]]
-        slots += max(batch) * len(batch)
-        padded += max(batch) * len(batch) - sum(batch)
-    return round(padded / slots, 4)
+    harness.emit(recorder.result({"grad_ckpt": bool(trainer.args.gradient_checkpointing),
+                                  "train_flags": " ".join(train_flags)}), args.out_json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The speed benchmark runs end to end (its --quick smoke mode; no timing is asserted here: speed targets are met
-in the full benchmark's printed figures), every side trains the mixed-length set whole, and the baselines feed the
-very token sequences ours trains on."""
+in the full benchmark's printed figures), every side trains one pass over the same subset (the same samples and
+tokens), and the baselines feed the very token sequences ours trains on."""
 
 import importlib.util
 import json
@@ -21,11 +21,16 @@ sys.path.insert(0, os.path.join(REPO, "bench", "speed"))
 import harness  # noqa: E402
 from side_zero_nlp import PerSampleCollator, RawDataset  # noqa: E402
 
+_spec = importlib.util.spec_from_file_location("speed_run", os.path.join(REPO, "bench", "speed", "run.py"))
+speed_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(speed_run)
+
 pytestmark = pytest.mark.slow  # two-process jobs or whole benchmark runs: tens of seconds each
 
 
 STAGES = ("stage2", "mixed1", "mixed2")  # stage1 shares mixed1's freezing and stage2's data path
 HAS_TRL = importlib.util.find_spec("trl") is not None
+QUICK_SAMPLES = speed_run.QUICK_SAMPLES
 
 
 @pytest.fixture(scope="module")
@@ -40,35 +45,45 @@ def quick_run(tmp_path_factory):
     return work, json.loads(completed.stdout.strip().splitlines()[-1])["summary"], records
 
 
-def test_quick_benchmark_measures_every_side_and_the_padding(quick_run):
-    _, summary, _ = quick_run
+def test_quick_benchmark_measures_every_side_over_the_same_subset(quick_run):
+    work, summary, _ = quick_run
     for stage in STAGES:
         assert set(_sides()) <= summary[stage].keys()
         for side in _sides():
-            assert summary[stage][side]["samples_per_s"] > 0 and summary[stage][side]["peak_rss_mb"] > 0
+            entry = summary[stage][side]
+            assert entry["samples"] == QUICK_SAMPLES and entry["samples_per_s"] > 0 and entry["peak_rss_mb"] > 0
+            assert entry["tokens_per_s"] == pytest.approx(entry["tokens"] / entry["train_s"], rel=0.02)
+        assert len({summary[stage][side]["tokens"] for side in _sides()}) == 1  # one count for every side
         for side in {"ours", "ours_packed"} & set(_sides()):
             assert summary[stage]["vs_faster_baseline"][side]["ratio"] > 0
-            assert summary[stage]["vs_faster_baseline"][side]["set_ratio"] > 0  # the whole-set estimate
-        entry = summary[stage]["ours"]
-        assert entry["set_samples_per_s"] > 0
-    padding = summary["mixed_padding"]
-    assert 0 <= padding["epoch_pad_fraction"] < padding["epoch_pad_fraction_random_batches"]
+        with open(work / "results" / f"subset-{stage}.json") as f:
+            assert len(json.load(f)) == QUICK_SAMPLES
 
 
-def test_sides_count_the_same_samples_and_tokens(quick_run):
-    """Unpacked sides take 4 samples a step; the baselines draw the same samples (the Trainer's seeded sampler),
-    and TRL's are the same tokens plus the chat template's closing newline per sample."""
+def test_sides_train_the_same_samples_and_tokens(quick_run):
+    """Every side trains each of the subset's samples once; zero_nlp and ours (packed or not) feed the subset's
+    tokens as our encoder counts them, TRL the same plus the chat template's closing newline per sample."""
     _, _, records = quick_run
     for stage in STAGES:
         run = {r["side"]: r for r in records if r["stage"] == stage}
+        for side, record in run.items():
+            assert record["samples"] == QUICK_SAMPLES, (stage, side)
+            expected = record["subset_tokens"] + (QUICK_SAMPLES if side == "trl" else 0)
+            assert record["tokens_fed"] == expected, (stage, side)
         for side in {"ours", "zero_nlp", "trl"} & run.keys():
-            assert run[side]["samples_measured"] == 4 * run[side]["steps_measured"], (stage, side)
-        if HAS_TRL:
-            assert run["trl"]["tokens_measured"] == run["zero_nlp"]["tokens_measured"] + run["zero_nlp"][
-                "samples_measured"], stage
+            assert run[side]["steps"] == QUICK_SAMPLES // 4, (stage, side)  # --quick: batches of 4
         if "ours_packed" in run:
-            packed = run["ours_packed"]
-            assert packed["samples_measured"] >= packed["steps_measured"] and packed["tokens_per_sample"] > 64
+            assert run["ours_packed"]["steps"] < QUICK_SAMPLES and run["ours_packed"]["pad_fraction"] < 0.5
+
+
+def test_subsets_are_drawn_with_the_seed(tmp_path):
+    records = [{"id": str(i), "conversations": []} for i in range(50)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    first = speed_run.make_subset(str(data), 8, 42, str(tmp_path / "a.json"))
+    assert first == speed_run.make_subset(str(data), 8, 42, str(tmp_path / "b.json")) != \
+        speed_run.make_subset(str(data), 8, 43, str(tmp_path / "c.json"))
+    assert first == sorted(first, key=int) and [r["id"] for r in json.loads((tmp_path / "a.json").read_text())] == first
 
 
 def test_baselines_train_the_same_tokens_as_ours(quick_run):
