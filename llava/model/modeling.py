@@ -175,9 +175,11 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         Training a batch whose logits would exceed `_LOSS_CHUNK_LOGITS` (long answers: 4,000 trained tokens of a
         150k vocabulary are 2.4 GB of float32 logits, and the loss holds about three such tensors until backward),
         the loss is summed over chunks whose logits are recomputed in backward instead of kept: memory stays at one
-        chunk's, for one more lm_head pass over the trained tokens. Logits are then not returned (None)."""
+        chunk's, for one more lm_head pass over the trained tokens. Logits are then not returned (None). Not when
+        several processes train sharded weights (FSDP, ZeRO-3): each lm_head pass gathers its weight collectively,
+        and ranks whose batches hold different numbers of trained tokens would make different numbers of passes."""
         chunk = max(256, _LOSS_CHUNK_LOGITS // self.config.text_config.vocab_size)
-        if not (torch.is_grad_enabled() and len(targets) > chunk):
+        if not (torch.is_grad_enabled() and len(targets) > chunk) or (multi_process() and parameters_sharded(self)):
             logits = self.lm_head(hidden)
             return logits, F.cross_entropy(logits.float(), targets, reduction="sum")
         loss = sum(checkpoint(self._chunk_loss, part, part_targets, use_reentrant=False)

@@ -70,6 +70,18 @@ def test_loss_in_chunks_gives_the_same_loss_and_gradients(parts, monkeypatch):
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_loss_is_one_piece_where_processes_shard_weights(parts, monkeypatch):
+    """Under FSDP / ZeRO-3 every lm_head pass gathers its weight collectively: ranks with different trained-token
+    counts would make different numbers of chunk passes and fall out of step, so the loss is never chunked there."""
+    model, processor = assemble(parts)
+    inputs = {name: torch.cat([value] * 40) for name, value in batch(parts, processor).items()}
+    monkeypatch.setattr(modeling, "_LOSS_CHUNK_LOGITS", 1)
+    assert model(**inputs).logits is None
+    monkeypatch.setattr(modeling, "multi_process", lambda: True)
+    monkeypatch.setattr(modeling, "parameters_sharded", lambda module: True)
+    assert model(**inputs).logits.shape[0] > 256
+
+
 def test_frozen_tower_builds_no_graph_and_unfrozen_tower_trains(parts):
     model, processor = assemble(parts)
     inputs = batch(parts, processor)
