@@ -80,10 +80,7 @@ class _Window:
         """Forget the text before `position` (once it is large); the position of the same character afterwards."""
         if position < _WINDOW_BYTES:
             return position
-        dropped = self.text[:position]
-        newlines = dropped.count("\n")
-        self.line += newlines
-        self.column = position - dropped.rfind("\n") if newlines else self.column + position
+        self.line, self.column = self._line_and_column(position)
         self.text = self.text[position:]
         return 0
 
@@ -93,11 +90,14 @@ class _Window:
         return self.text
 
     def error(self, message: str, position: int) -> DataError:
-        before = self.text[:position]
-        newlines = before.count("\n")
-        line = self.line + newlines
-        column = position - before.rfind("\n") if newlines else self.column + position
-        return malformed_json(self.where, message, line, column)
+        return malformed_json(self.where, message, *self._line_and_column(position))
+
+    def _line_and_column(self, position: int) -> tuple[int, int]:
+        """Where `text[position]` is in the file (both from 1)."""
+        newlines = self.text.count("\n", 0, position)
+        if not newlines:
+            return self.line, self.column + position
+        return self.line + newlines, position - self.text.rfind("\n", 0, position)
 
 
 def malformed_json(where: str, message: str, line: int, column: int) -> DataError:
