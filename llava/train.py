@@ -10,20 +10,26 @@ from transformers import TrainerCallback
 
 from llava.data.mixture import read_mixture
 from llava.reporting import run_command
-from llava.training.parsing import parse_args
+from llava.training.parsing import CONFIG_SUFFIXES, parse_args
+from llava.training.pipeline.runner import run_pipeline
+from llava.training.pipeline.spec import is_pipeline_file
 from llava.training.run import train
 from llava.training.run_lock import run_lock
 from llava.training.trainer import LlavaTrainer
 
 
-def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> LlavaTrainer:
-    """Train as the flags in `argv` say; `callbacks` are added to the Trainer's (e.g. a benchmark's timer).
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> LlavaTrainer | int:
+    """Train as the flags in `argv` say; `callbacks` are added to the Trainer's (e.g. a benchmark's timer). A
+    config file with `stages:` first is a pipeline (`llava.training.pipeline`): its exit status is returned.
 
     The data files are found and the output_dir is checked to be writable and locked for this run first
     (`llava.training.run_lock`): nothing is loaded for a run that could not read its data or save, or that would
     write over another run's files."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         stream=sys.stdout)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].lower().endswith(CONFIG_SUFFIXES) and is_pipeline_file(argv[0]):
+        return run_pipeline(argv)
     args = parse_args(argv)
     mixture = read_mixture(args.data.data_path, args.data.image_folder)
     with run_lock(args.training.output_dir):

@@ -53,7 +53,7 @@ def publish_final_output(output_dir: str) -> None:
     """Move the complete, staged final output into place (steps 1-3 of the module docstring)."""
     staging = staging_folder(output_dir)
     fsync_tree(staging)
-    previous = _marked_files(output_dir)
+    previous = marked_files(output_dir)
     write_json_atomically(os.path.join(output_dir, PUBLISHING),
                           {"files": sorted(os.listdir(staging)), "previous": previous})
     _move_into_place(output_dir)
@@ -106,7 +106,7 @@ def _remove(path: str) -> None:
             os.remove(path)
 
 
-def _marked_files(output_dir: str) -> list[str]:
+def marked_files(output_dir: str) -> list[str]:
     """The files `FINAL_MARKER` lists (the current final output), or [] when there is none."""
     try:
         with open(os.path.join(output_dir, FINAL_MARKER), encoding="utf-8") as f:
@@ -129,7 +129,7 @@ def check_final_output(path: str) -> None:
             f"{path} is a half-written final output: a final save was killed while moving its files into place. "
             f"The complete new files are in {os.path.join(path, STAGING)}; rerun the training command with the "
             "same --output_dir (it finishes the move), or load the newest checkpoint-N in it.")
-    missing = [name for name in _marked_files(path) if not os.path.lexists(os.path.join(path, name))]
+    missing = [name for name in marked_files(path) if not os.path.lexists(os.path.join(path, name))]
     if missing:
         raise IncompleteFinalOutputError(f"{path} is an incomplete final output: {FINAL_MARKER} lists {missing}, "
                                          "which are gone. Rerun the training command, or load a checkpoint-N.")

@@ -13,6 +13,7 @@ from llava.data.types import Sample
 from llava.model.evaluation import sample_card
 from llava.model.inference import Answerer
 from llava.model.sharding import parameters_sharded
+from llava.training.step_axis import step_offset
 
 class SampleAnswersCallback(TrainerCallback):
     """At every checkpoint save and at the end, answer a few held-out samples greedily and log them to
@@ -49,6 +50,7 @@ class SampleAnswersCallback(TrainerCallback):
             model.train(was_training)
         if not state.is_world_process_zero:
             return
+        step = state.global_step + step_offset()  # on a pipeline's step axis (0 for a single run)
         if self.writer is None:
             self.writer = SummaryWriter(os.path.join(args.output_dir, "runs", "samples"))
         rows = ["| id | question | model | truth |", "|---|---|---|---|"]
@@ -57,10 +59,10 @@ class SampleAnswersCallback(TrainerCallback):
             truth = sample.messages[-1].content
             card = sample_card(sample_images[0] if sample_images else None,
                                [f"Q: {question}", f"model: {answer}", f"truth: {truth}"])
-            self.writer.add_image(f"samples/{index}_{sample.id}", np.asarray(card), state.global_step,
+            self.writer.add_image(f"samples/{index}_{sample.id}", np.asarray(card), step,
                                   dataformats="HWC")
             rows.append(f"| {sample.id} | {question} | {answer} | {truth} |")
-        self.writer.add_text("samples", "\n".join(rows), state.global_step)
+        self.writer.add_text("samples", "\n".join(rows), step)
         self.writer.flush()
 
     def on_save(self, args, state, control, model=None, **kwargs):

@@ -39,6 +39,7 @@ class RunArguments(NamedTuple):
 
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+RUN_DATACLASSES = (ModelArguments, DataArguments, LoraArguments, LlavaTrainingArguments)
 
 
 def parse_args(argv: list[str] | None = None) -> RunArguments:
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
         parse_args(["my_stage1.yaml", "--output_dir", "out"])
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, LlavaTrainingArguments))
+    parser = HfArgumentParser(RUN_DATACLASSES)
     try:
         if argv and argv[0].lower().endswith(CONFIG_SUFFIXES):
             parser.set_defaults(**_read_config(argv[0], parser))

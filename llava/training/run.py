@@ -13,8 +13,9 @@ import sys
 from collections.abc import Iterator
 
 from transformers import TrainerCallback, set_seed
+from transformers.integrations import TensorBoardCallback
 
-from llava.data.dataset import build_dataset
+from llava.data.dataset import LlavaDataset, build_dataset
 from llava.data.mixture import RECORD_NAME, Mixture, apply_mixture, check_resumed_mixture, write_record
 from llava.data.packing import planned_batches
 from llava.data.records import load_samples
@@ -28,6 +29,7 @@ from llava.training.checkpoints import resolve_resume_checkpoint
 from llava.training.distributed import decided_by_main_process
 from llava.training.parsing import RunArguments
 from llava.training.preemption import PREEMPTED_EXIT_CODE
+from llava.training.step_axis import OffsetTensorBoardCallback, step_offset
 from llava.training.trainer import LlavaTrainer
 from llava.utils.memory import memory_line
 
@@ -49,14 +51,8 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
     # cache. The mixture's amounts are applied after (the cache serves every amount); the report is printed once.
     with training_args.main_process_first(local=True, desc="checking and tokenizing the data"), \
             _reports_only_where_logged(training_args):
-        train_dataset = build_dataset(mixture, processor, tokens_per_image, data_args.model_max_length,
-                                      skip_invalid=data_args.skip_invalid_samples,
-                                      allow_absolute_image_paths=data_args.allow_absolute_image_paths,
-                                      max_image_pixels=data_args.max_image_pixels,
-                                      cache_dir=data_args.tokenized_cache_dir,
-                                      decode_images=bool(data_args.decode_images))
-        seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-        train_dataset, mixture_record = apply_mixture(mixture, train_dataset, seed)
+        train_dataset = checked_dataset(data_args, mixture, processor, tokens_per_image)
+        train_dataset, mixture_record = apply_mixture(mixture, train_dataset, data_seed(training_args))
     logger.info("%d training samples from %s (%s)", len(train_dataset), ", ".join(mixture.paths), memory_line())
     # Which checkpoint a resume continues is decided here, once, so that its data mixture is compared before any
     # weights load; the trainer then resumes exactly that one.
@@ -80,6 +76,9 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
         check_exact_packing(model)
     trainer = LlavaTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                            processing_class=processor, callbacks=callbacks)
+    if "tensorboard" in training_args.report_to and step_offset():  # a pipeline's later stage
+        trainer.remove_callback(TensorBoardCallback)
+        trainer.add_callback(OffsetTensorBoardCallback(step_offset()))
     trainer.checkpoint_records[RECORD_NAME] = mixture_record  # checked when a checkpoint is resumed
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.preempted:  # checkpoint saved; the final output is written by the run that finishes
@@ -92,6 +91,20 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
     else:  # final weights + config + processor
         trainer.save_final_output(trainer.save_model)
     return trainer
+
+
+def checked_dataset(data_args, mixture: Mixture, processor, tokens_per_image: int) -> LlavaDataset:
+    """Every valid sample of the mixture's sources, checked and tokenized as the flags say (or read from the cache)."""
+    return build_dataset(mixture, processor, tokens_per_image, data_args.model_max_length,
+                         skip_invalid=data_args.skip_invalid_samples,
+                         allow_absolute_image_paths=data_args.allow_absolute_image_paths,
+                         max_image_pixels=data_args.max_image_pixels, cache_dir=data_args.tokenized_cache_dir,
+                         decode_images=bool(data_args.decode_images))
+
+
+def data_seed(training_args) -> int:
+    """The seed of the mixture's draw: --data_seed, else --seed."""
+    return training_args.data_seed if training_args.data_seed is not None else training_args.seed
 
 
 @contextlib.contextmanager

@@ -38,6 +38,11 @@ CHECKPOINTED = ["--per_device_train_batch_size", "2", "--logging_steps", "1", "-
                 "--learning_rate", "1e-2", "--report_to", "none", "--seed", "0", "--resume_from_checkpoint", "True"]
 
 
+def _this_checkout_first():
+    """PYTHONPATH putting this checkout's `llava` first, for scripts run by path (an installed copy may be another's)."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+
+
 class Run:
     """One `python <script> <flags>` in the background, its output in a file."""
 
@@ -47,7 +52,7 @@ class Run:
         with open(log_path, "w") as log:
             self.process = subprocess.Popen([sys.executable, script, *flags], cwd=REPO, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=new_session,
-                                            env={**os.environ, **(env or {})})
+                                            env={**os.environ, **_this_checkout_first(), **(env or {})})
 
     def log(self):
         with open(self.log_path, errors="replace") as f:

@@ -1,0 +1,130 @@
+"""`--dry_run`: the plan of a pipeline, per stage, without loading weights: the start model, parameters per component
+(total, trainable, learning rate; counted on a model built on the meta device from configs), the data mixture
+(the checking pass, processor only: its token cache then serves the real run), the steps, the output folder and
+what this run would do with the stage."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AutoConfig, LlavaConfig
+
+from llava.data.mixture import Mixture, mixture_table, select
+from llava.data.packing import planned_batches
+from llava.model.components import components, set_trainable
+from llava.model.modeling import LlavaForConditionalGeneration
+from llava.model.processor import image_token_count, tower_config
+from llava.training.build import add_lora, processor_for
+from llava.training.checkpoints import latest_complete_checkpoint
+from llava.training.parsing import RunArguments, parse_args
+from llava.training.pipeline.plan import RESUME, SKIP, StagePlan
+from llava.training.pipeline.spec import Pipeline, Stage, stage_argv
+from llava.training.run import checked_dataset, data_seed
+
+
+def describe_plan(pipeline: Pipeline, plans: list[StagePlan], mixtures: dict[str, Mixture],
+                  manifest: dict | None) -> str:
+    blocks = [f"Pipeline {pipeline.path} -> {pipeline.output_dir} (manifest: "
+              f"{'none yet' if manifest is None else 'pipeline.json'})"]
+    processors = {}  # per root start: a chain of stages shares its processor
+    for stage_plan in plans:
+        stage = stage_plan.stage
+        args = parse_args(stage_argv(stage, stage_plan.start_path))
+        root = _root_start(pipeline, stage)
+        model_args = parse_args(stage_argv(root, root.start.path)).model
+        if root.name not in processors:
+            processors[root.name] = processor_for(model_args)
+        processor = processors[root.name]
+        blocks.append("\n".join([
+            f"stage {stage.name}: {_action(stage_plan)}",
+            f"  start:  {stage.start.describe(stage.flags)}",
+            f"  output: {stage.output_dir}",
+            "  parameters:", _indent(parameter_rows(_meta_model(model_args, processor), args), 4),
+            "  data:", _indent(_data_and_steps(args, mixtures[stage.name], processor), 4)]))
+    return "\n\n".join(blocks)
+
+
+def _action(stage_plan: StagePlan) -> str:
+    if stage_plan.action == SKIP:
+        return "done: skipped (final output verified)"
+    if stage_plan.action == RESUME:
+        checkpoint = latest_complete_checkpoint(stage_plan.stage.output_dir)
+        return f"resumes from {checkpoint}" if checkpoint else "restarts (started before, no complete checkpoint)"
+    return "trains"
+
+
+def _root_start(pipeline: Pipeline, stage: Stage) -> Stage:
+    """The stage whose flags or `from:` path name the model that `stage`'s chain of `from:` starts from: an earlier
+    stage's output has its architecture and processor."""
+    while stage.start.stage:
+        stage = pipeline.stage(stage.start.stage)
+    return stage
+
+
+def _meta_model(model_args, processor) -> LlavaForConditionalGeneration:
+    """The LLaVA that `model_args` load or assemble, on the meta device: every parameter's shape, no memory."""
+    trust = model_args.trust_remote_code
+    if model_args.assembles_new_model:
+        vision = tower_config(model_args.vision_model_name_or_path, trust)
+        text = AutoConfig.from_pretrained(model_args.language_model_name_or_path, trust_remote_code=trust)
+        text.vocab_size = max(text.vocab_size, len(processor.tokenizer))
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                             image_seq_length=image_token_count(processor),
+                             vision_feature_layer=model_args.vision_feature_layer,
+                             vision_feature_select_strategy=processor.vision_feature_select_strategy,
+                             projector_hidden_act=model_args.projector_hidden_act,
+                             tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)))
+    else:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=trust)
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config)
+
+
+def parameter_rows(model: LlavaForConditionalGeneration, args: RunArguments) -> str:
+    """Per component: parameters, trainable ones and their learning rate, as the stage would train `model`."""
+    training = args.training
+    if args.lora.lora_enable:
+        with torch.device("meta"):
+            model = add_lora(model, args.lora, training)
+    else:
+        set_trainable(model, vision_tower=not training.freeze_vision_model,
+                      projector=not training.freeze_projector, language_model=not training.freeze_language_model)
+    rates = {"vision_tower": training.vision_lr, "projector": training.projector_lr}
+    rows, seen = [("component", "parameters", "trainable", "lr")], set()
+    totals = [0, 0]
+    for name, module in components(model).items():
+        params = [p for p in module.parameters() if id(p) not in seen]
+        seen |= {id(p) for p in params}
+        total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+        totals = [totals[0] + total, totals[1] + trainable]
+        lr = rates.get(name) or training.learning_rate
+        rows.append((name, f"{total:,}", f"{trainable:,}", f"{lr:g}" if trainable else "-"))
+    rows.append(("total", f"{totals[0]:,}", f"{totals[1]:,}", ""))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    return "\n".join(row[0].ljust(widths[0]) + "".join(f"  {cell:>{width}}" for cell, width in zip(row[1:], widths[1:]))
+                     for row in rows)
+
+
+def _data_and_steps(args: RunArguments, mixture: Mixture, processor) -> str:
+    """The mixture table of the stage's selection, and how many optimizer steps it trains (on one process)."""
+    training = args.training
+    dataset = checked_dataset(args.data, mixture, processor, image_token_count(processor))
+    selection = select(mixture, dataset.samples, data_seed(training))
+    items, _ = planned_batches(dataset.select(selection.indices), processor.tokenizer.pad_token_id,
+                               args.data.model_max_length, training.packing, training.max_tokens_per_batch,
+                               training.seed)
+    if training.max_steps > 0:
+        steps = f"{training.max_steps} (--max_steps)"
+    else:
+        batches = math.ceil(len(items) / training.per_device_train_batch_size)
+        per_epoch = max(math.ceil(batches / training.gradient_accumulation_steps), 1)
+        steps = (f"{math.ceil(training.num_train_epochs * per_epoch)} ({training.num_train_epochs:g} epochs x "
+                 f"{per_epoch} steps of {training.per_device_train_batch_size} x "
+                 f"{training.gradient_accumulation_steps} {'rows' if training.packing else 'items'} on one process; "
+                 "N processes take 1/N as many)")
+    return f"{mixture_table(mixture, selection)}\nsteps: {steps}"
+
+
+def _indent(text: str, spaces: int) -> str:
+    return "\n".join(" " * spaces + line for line in text.splitlines())
