@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - install, prepare easy-VQA + SmolLM2, train stage 1 and 2, evaluate (CPU, no model hub)
+#   make demo   - install, prepare easy-VQA + SmolLM2, run configs/demo.yaml (3 stages), evaluate (CPU, no model hub)
 #   make test   - install, run the test suite
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -26,7 +26,7 @@ test: install-demo install-bench
 test-slow: install-demo
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -m slow
 
-# The embedded demo: easy-VQA + SmolLM2-135M from PyPI, a mini CLIP tower pretrained here, stage 1 + 2, evaluation.
+# The embedded demo: easy-VQA + SmolLM2-135M from PyPI, a mini CLIP tower pretrained here, configs/demo.yaml, evaluation.
 # Last stdout line: JSON with accuracy (overall and per answer type), the question-only baselines and minutes.
 demo: install-demo
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m llava.demo.run

@@ -77,3 +77,32 @@ def test_fsdp_accelerate_config():
     assert config.fsdp_config["fsdp_version"] == 2
     assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+PIPELINES = {"demo.yaml": ["--image_folder", "images", "--language_model_name_or_path", "lm"], "llava_v1_5.yaml": ["--bf16", "False"]}  # no GPU here
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_shipped_pipeline_stages_parse_as_train_llava_runs(name):
+    from llava.training.parsing import RUN_DATACLASSES
+    from llava.training.pipeline.plan import start_path
+    from llava.training.pipeline.spec import read_pipeline, stage_argv
+    from transformers import HfArgumentParser
+
+    known = {action.dest for action in HfArgumentParser(RUN_DATACLASSES)._actions}
+    pipeline = read_pipeline(os.path.join(CONFIGS, name), PIPELINES[name], known)
+    runs = {stage.name: parse_args(stage_argv(stage, start_path(pipeline, stage))) for stage in pipeline.stages}
+    first, *later = runs.values()
+    # stage 1 aligns: only the projector trains, at a higher rate than the instruction stage after it
+    assert first.training.freeze_language_model and first.training.freeze_vision_model
+    assert all(not run.training.freeze_language_model for run in later)
+    assert all(run.training.learning_rate < first.training.learning_rate for run in later)
+    assert all(run.model.model_name_or_path for run in later)  # each later stage starts from an earlier output
+    if name == "llava_v1_5.yaml":  # the published settings
+        assert [run.training.per_device_train_batch_size * 8 for run in runs.values()] == [256, 128]
+        assert [run.training.learning_rate for run in runs.values()] == [1e-3, 2e-5]
+        assert all(run.training.lr_scheduler_type == "cosine" and run.training.warmup_steps == 0.03
+                   for run in runs.values())
+        assert first.model.vision_model_name_or_path == "openai/clip-vit-large-patch14-336"
+    else:
+        assert list(runs) == ["align", "instruct", "look"]

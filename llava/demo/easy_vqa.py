@@ -5,6 +5,8 @@ Writes to --output_dir:
   stage1_captions.json  one sample per train image: "<image>\\nDescribe the image." -> "A red circle."
   stage2_instruct.json  one multi-turn conversation per train image holding all of its questions
   stage2_single_turn.json  every train question as its own sample, shuffled (what the demo's stage 2 uses)
+  stage2_yes_no_balanced.json  the train yes/no questions with as many "yes" as "no" answers per question text
+  validation.json       single-turn questions on held-out train images (every 10th), to select recipes on
   test.json             single-turn test samples with extra fields `answer` and `answer_type`
   image_labels.json     colour and shape of every train/test image (used by llava.demo.pretrain_vision)
   meta.json             the --image_folder to pass (the installed easy_vqa data folder) and counts
@@ -57,6 +59,10 @@ CIRCLE_MAX_FILL = 0.93
 CAPTION_PROMPT = "Describe the image."
 TRAIN_SHUFFLE_SEED = 0
 TEST_SAMPLE_SEED = 0
+BALANCE_SEED = 0
+# Every 10th train image (400 of 4,000) is held out of every training file and of the tower's pretraining: recipes
+# are chosen on its questions, never on the test split's.
+VALIDATION_EVERY = 10
 
 Labels = dict[str, str | None]
 
@@ -210,16 +216,47 @@ def stage2_single_turn_samples(triples: list[tuple[str, str, int]]) -> list[dict
     return records
 
 
-def test_samples(triples: list[tuple[str, str, int]], num_test: int | None) -> list[dict]:
+def balanced_yes_no_samples(triples: list[tuple[str, str, int]]) -> list[dict]:
+    """The yes/no questions, with per question text as many "yes" as "no" answers (the rarer answer's questions
+    all, the other's drawn to the same count), shuffled.
+
+    In easy-VQA the answer to a yes/no question is mostly fixed by its text ("is there a red shape?" is "no" for
+    7 of 8 images): on the plain questions a model reaches the question-only prior (85 %) without looking. Here
+    the text says nothing about the answer, so only the image can."""
+    by_text: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"yes": [], "no": []})
+    for k, (question, answer, _) in enumerate(triples):
+        if answer in ("yes", "no"):
+            by_text[question][answer].append(k)
+    rng = random.Random(BALANCE_SEED)
+    chosen = []
+    for question in sorted(by_text):
+        yes, no = by_text[question]["yes"], by_text[question]["no"]
+        count = min(len(yes), len(no))
+        chosen += rng.sample(yes, count) + rng.sample(no, count)
+    records = [sample(f"train_qa_{k}", relative_image("train", triples[k][2]), [triples[k][:2]]) for k in chosen]
+    rng.shuffle(records)
+    return records
+
+
+def held_out_images(triples: list[tuple[str, str, int]], paths: dict[int, str]):
+    """(train triples, train paths), (validation triples, validation paths): every VALIDATION_EVERY-th image."""
+    held = {i for i in paths if i % VALIDATION_EVERY == VALIDATION_EVERY - 1}
+    return (([t for t in triples if t[2] not in held], {i: p for i, p in paths.items() if i not in held}),
+            ([t for t in triples if t[2] in held], {i: p for i, p in paths.items() if i in held}))
+
+
+def test_samples(triples: list[tuple[str, str, int]], num_test: int | None, split: str = "test") -> list[dict]:
     """Single-question samples; `num_test` draws a fixed-seed random subset (easy-VQA lists questions
-    image by image, so the first N would cover only ~N/10 images)."""
+    image by image, so the first N would cover only ~N/10 images). `split`: whose images ("train" for
+    the validation questions)."""
     indices = range(len(triples))
     if num_test is not None and num_test < len(triples):
         indices = sorted(random.Random(TEST_SAMPLE_SEED).sample(indices, num_test))
     records = []
     for k in indices:
         question, answer, image_id = triples[k]
-        record = sample(f"test_{k}", relative_image("test", image_id), [(question, answer)])
+        name = "test" if split == "test" else "validation"
+        record = sample(f"{name}_{k}", relative_image(split, image_id), [(question, answer)])
         records.append({**record, "answer": answer, "answer_type": answer_type(answer)})
     return records
 
@@ -243,19 +280,24 @@ def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
-    train, train_paths = load_split("train", args.max_images)
+    (train, train_paths), (validation, validation_paths) = held_out_images(*load_split("train", args.max_images))
     test, test_paths = load_split("test", args.max_images)
     train_labels, train_stats = image_labels("train", train, train_paths)
+    validation_labels, _ = image_labels("validation", validation, validation_paths)
     test_labels, test_stats = image_labels("test", test, test_paths)
     tests = test_samples(test, args.num_test)
+    validations = test_samples(validation, args.num_test, split="train")
 
     write_json(args.output_dir / "stage1_captions.json", stage1_samples(train_labels))
     write_json(args.output_dir / "stage2_instruct.json", stage2_samples(train))
     write_json(args.output_dir / "stage2_single_turn.json", stage2_single_turn_samples(train))
+    write_json(args.output_dir / "stage2_yes_no_balanced.json", balanced_yes_no_samples(train))
+    write_json(args.output_dir / "validation.json", validations)
     write_json(args.output_dir / "test.json", tests)
     write_json(
         args.output_dir / "image_labels.json",
-        {"train": label_records("train", train_labels), "test": label_records("test", test_labels)},
+        {"train": label_records("train", train_labels), "validation": label_records("train", validation_labels),
+         "test": label_records("test", test_labels)},
     )
     image_folder = str(Path(easy_vqa.__file__).resolve().parent / "data")
     meta = {
@@ -263,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         "easy_vqa_version": version("easy-vqa"),
         "train_images": len(train_paths),
         "train_questions": len(train),
+        "validation_images": len(validation_paths),
+        "validation_questions": len(validations),
         "test_images": len(test_paths),
         "test_questions": len(tests),
         "test_answer_types": dict(Counter(r["answer_type"] for r in tests)),

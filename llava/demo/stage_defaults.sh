@@ -18,7 +18,7 @@ demo_data=()
 if [[ -f data/easy_vqa/meta.json ]]; then
   has_flag --image_folder "$@" \
     || demo_data+=(--image_folder "$(python -c 'import json; print(json.load(open("data/easy_vqa/meta.json"))["image_folder"])')")
-  # a few test questions answered at every save, in TensorBoard's Images and Text tabs
-  has_flag --data_path "$@" || has_flag --sample_data_path "$@" || demo_data+=(--sample_data_path data/easy_vqa/test.json)
+  # a few held-out (validation) questions answered at every save, in TensorBoard's Images and Text tabs
+  has_flag --data_path "$@" || has_flag --sample_data_path "$@" || demo_data+=(--sample_data_path data/easy_vqa/validation.json)
 fi
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # small CPU ops are far slower without it on some VMs

@@ -3,6 +3,7 @@
 
 import filecmp
 import json
+from collections import Counter, defaultdict
 import os
 import subprocess
 import sys
@@ -28,23 +29,46 @@ def easy_vqa(tmp_path_factory):
 
 def test_prepare_is_deterministic_and_writes_llava_json(easy_vqa, tmp_path):
     subprocess.run(PREPARE + ["--output_dir", str(tmp_path)], check=True)
-    for name in ("stage1_captions.json", "stage2_instruct.json", "stage2_single_turn.json", "test.json"):
+    for name in ("stage1_captions.json", "stage2_instruct.json", "stage2_single_turn.json",
+                 "stage2_yes_no_balanced.json", "validation.json", "test.json"):
         assert filecmp.cmp(easy_vqa["dir"] / name, tmp_path / name, shallow=False), name
     captions = load_samples([str(easy_vqa["dir"] / "stage1_captions.json")])
     with open(easy_vqa["dir"] / "image_labels.json") as f:
         labels = json.load(f)
     train_labels = {r["image"]: r for r in labels["train"]}
-    assert len(captions) == 24 and all(len(s.images) == 1 for s in captions)
+    # images 9 and 19 of the first 24 (every 10th) are held out for validation
+    assert len(captions) == 22 and all(len(s.images) == 1 for s in captions)
     for sample in captions:
         caption, label = sample.messages[-1].content.lower(), train_labels[sample.images[0]]
         assert label["colour"] in caption and label["shape"] in caption, (caption, label)
     for sample in load_samples([str(easy_vqa["dir"] / "stage2_instruct.json")]):
         roles = [m.role for m in sample.messages]
         assert roles == ["user", "assistant"] * (len(roles) // 2) and sample.messages[0].content.startswith("<image>")
+    validation = load_samples([str(easy_vqa["dir"] / "validation.json")])
+    assert {s.images[0] for s in validation} == {"train/images/9.png", "train/images/19.png"}
+    trained_on = {s.images[0] for name in ("stage1_captions.json", "stage2_single_turn.json",
+                                           "stage2_yes_no_balanced.json") for s in load_samples([str(easy_vqa["dir"] / name)])}
+    assert not trained_on & {s.images[0] for s in validation}
+    assert {r["image"] for r in labels["train"]} == trained_on and len(labels["validation"]) == 2
     test = load_samples([str(easy_vqa["dir"] / "test.json")])
     assert len(test) == 16 and all(len(s.messages) == 2 for s in test)
     assert {s.metadata["answer_type"] for s in test} <= {"yes/no", "shape", "colour"}
     assert all(os.path.isfile(os.path.join(easy_vqa["images"], s.images[0])) for s in test)
+
+
+def test_balanced_yes_no_questions_say_nothing_about_the_answer(easy_vqa):
+    answers = defaultdict(Counter)
+    for sample in load_samples([str(easy_vqa["dir"] / "stage2_yes_no_balanced.json")]):
+        answers[sample.messages[0].content][sample.messages[1].content] += 1
+    assert answers and all(set(count) == {"yes", "no"} and count["yes"] == count["no"] for count in answers.values())
+    plain = defaultdict(Counter)
+    for sample in load_samples([str(easy_vqa["dir"] / "stage2_single_turn.json")]):
+        if sample.messages[1].content in ("yes", "no"):
+            plain[sample.messages[0].content][sample.messages[1].content] += 1
+    # each question text keeps every question of its rarer answer, and as many of the other
+    expected = {text: min(count["yes"], count["no"]) for text, count in plain.items()
+                if min(count["yes"], count["no"]) > 0}
+    assert {text: count["yes"] for text, count in answers.items()} == expected
 
 
 def test_question_only_baselines(tmp_path):
@@ -112,6 +136,50 @@ def test_stage1_with_users_models_never_converts_smollm2(fake_python):
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert calls[0] != ["smollm2"] and len(calls) == 1
     assert flag(calls[0], "--vision_model_name_or_path") == "V" and flag(calls[0], "--language_model_name_or_path") == "L"
+
+
+def test_run_pipeline_defaults_to_the_demo_pipeline(fake_python):
+    env, log = fake_python
+    subprocess.run(["bash", "run_pipeline.sh", "--dry_run", "True"], cwd=REPO, env=env, check=True)
+    argv = [json.loads(line) for line in log.read_text().splitlines()][-1]
+    assert argv[0] == "configs/demo.yaml" and flag(argv, "--language_model_name_or_path") == "/cache/smollm2"
+    assert flag(argv, "--dry_run") == "True"
+    if os.path.isfile(os.path.join(REPO, "data/easy_vqa/meta.json")):
+        assert "--image_folder" in argv
+    subprocess.run(["bash", "run_pipeline.sh", "configs/llava_v1_5.yaml", "--output_dir", "o"], cwd=REPO, env=env,
+                   check=True)
+    argv = [json.loads(line) for line in log.read_text().splitlines()][-1]
+    assert argv == ["configs/llava_v1_5.yaml", "--output_dir", "o"]  # a user's pipeline gets no demo flags
+
+
+@pytest.mark.slow
+def test_reduced_demo_pipeline_on_real_assets(easy_vqa, tmp_path):
+    """`make demo`'s pipeline file, configs/demo.yaml, in 2 steps per stage on the real assets."""
+    data, images = easy_vqa["dir"], easy_vqa["images"]
+    tower = str(tmp_path / "tower")
+    subprocess.run([sys.executable, "-m", "llava.demo.pretrain_vision", "--data_dir", str(data), "--output_dir",
+                    tower, "--epochs", "1"], cwd=REPO, check=True)
+    stage_data = {"align": "stage1_captions.json", "instruct": "stage2_single_turn.json",
+                  "look": f"{data / 'stage2_yes_no_balanced.json'}:4,{data / 'stage2_single_turn.json'}:4"}
+    overrides = []
+    for stage, path in stage_data.items():
+        overrides += [f"--{stage}.max_steps", "2", f"--{stage}.data_path", path if ":" in path else str(data / path)]
+    command = [sys.executable, "train_llava.py", "configs/demo.yaml", "--image_folder", images,
+               "--language_model_name_or_path", subprocess.run(
+                   [sys.executable, "-m", "llava.demo.smollm2"], check=True, capture_output=True, text=True
+               ).stdout.split()[-1],
+               "--vision_model_name_or_path", tower, "--output_dir", str(tmp_path / "demo"),
+               "--per_device_train_batch_size", "2", "--sample_data_path", str(data / "validation.json"),
+               "--num_logged_samples", "2", *overrides]
+    subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    with open(tmp_path / "demo" / "pipeline.json") as f:
+        manifest = json.load(f)
+    assert [stage["status"] for stage in manifest["stages"].values()] == ["done"] * 3
+    assert_loads_and_generates(str(tmp_path / "demo" / "look"))
+    again = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    log = again.stdout + again.stderr
+    assert log.count("is done") == 3 and "Stage look done" not in log  # the same command again trains nothing
 
 
 @pytest.mark.slow
