@@ -1,12 +1,16 @@
 """--vision_tune_last_n_layers on every tower family: exactly the last N layers that feed the projector train (and
 get gradients), the embeddings only when every feeding layer does; too many layers and unknown towers are refused."""
 
+import logging
+
 import pytest
 import torch
+import transformers
 
 from llava.data.types import ConfigurationError
 from llava.model.components import components, parameter_table
 from llava.model.vision_layers import encoder_layers
+from llava.train import main
 from llava.training.arguments import ModelArguments
 from llava.training.build import base_model_for, processor_for, trainable_model
 from llava.training.parsing import parse_args
@@ -99,3 +103,21 @@ def test_under_lora_only_the_last_layer_trains_in_full_and_the_table_shows_adapt
     assert rows["language_model"][1:] == ["0", "frozen"]  # the LM learns through its adapters only
     assert rows["language_model.lora"][0] == rows["language_model.lora"][1] != "0"
     assert "vision_tower.lora" not in rows
+
+
+def test_a_training_run_moves_only_the_tuned_layer_and_logs_the_table(parts, towers, tmp_path, caplog):
+    before = transformers.AutoModel.from_pretrained(towers["dinov2"]).state_dict()
+    caplog.set_level(logging.INFO, logger="llava.training.trainer")
+    trainer = main(["--vision_model_name_or_path", towers["dinov2"], "--language_model_name_or_path", parts["lm"],
+                    "--data_path", parts["data"], "--image_folder", parts["images"], "--output_dir",
+                    str(tmp_path / "out"), "--freeze_vision_model", "False", "--vision_tune_last_n_layers", "1",
+                    "--vision_lr", "3e-2", "--freeze_language_model", "True", "--per_device_train_batch_size", "2",
+                    "--max_steps", "2", "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-2"])
+    after = trainer.model.model.vision_tower.state_dict()
+    assert {key for key in after if not torch.equal(after[key], before[key])} == {
+        key for key in after if key.startswith("encoder.layer.1.")}
+    table = caplog.text.split("Parameters per component:\n")[1]
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:6]}
+    assert rows["vision_tower"][-1] == "0.03" and rows["projector"][-1] == "0.01"
+    assert rows["language_model"][-1] == "frozen" and 0 < int(rows["vision_tower"][1].replace(",", "")) < int(
+        rows["vision_tower"][0].replace(",", ""))
