@@ -45,24 +45,35 @@ def linear_layer_names(model: torch.nn.Module, component: str) -> list[str]:
             if isinstance(module, torch.nn.Linear)]
 
 
-def parameter_table(model: PreTrainedModel) -> str:
-    """Total and trainable parameters per component, each shared tensor counted once (tied lm_head); the full
-    sizes also when DeepSpeed ZeRO-3 has partitioned the weights."""
+LORA_PREFIX = "lora_"  # peft's adapter tensors: lora_A, lora_B, lora_embedding_A/B, lora_magnitude_vector
+
+
+def parameter_table(model: PreTrainedModel, rates: dict[str, float]) -> str:
+    """Total and trainable parameters per component, its LoRA adapters in a row of their own ('<component>.lora'),
+    and the learning rate each row trains at (`rates`, by component), 'frozen' where nothing of it trains.
+
+    Each shared tensor is counted once (tied lm_head); the full sizes also when DeepSpeed ZeRO-3 has partitioned
+    the weights.
+    """
     seen: set[int] = set()
-    rows = []
-    for name, module in components(model).items():
-        total = trainable = 0
-        for param in module.parameters():
+    rows: dict[str, list[int]] = {}
+    for component, module in components(model).items():
+        rows[component] = [0, 0]
+        for name, param in module.named_parameters():
             if id(param) in seen:
                 continue
             seen.add(id(param))
+            is_adapter = any(part.startswith(LORA_PREFIX) for part in name.split("."))
+            row = rows.setdefault(f"{component}.lora", [0, 0]) if is_adapter else rows[component]
             numel = getattr(param, "ds_numel", param.numel())  # ZeRO-3 keeps an empty tensor in place of a shard
-            total += numel
-            trainable += numel if param.requires_grad else 0
-        note = " (tied to input embeddings)" if name == "lm_head" and total == 0 else ""
-        rows.append((name + note, total, trainable))
-    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'component':<{width}}  {'parameters':>14}  {'trainable':>14}"]
-    lines += [f"{name:<{width}}  {total:>14,}  {trainable:>14,}" for name, total, trainable in rows]
-    return "\n".join(lines)
+            row[0] += numel
+            row[1] += numel if param.requires_grad else 0
+    table = [("group", "parameters", "trainable", "lr")]
+    for group, (total, trainable) in rows.items():
+        note = " (tied to input embeddings)" if group == "lm_head" and total == 0 else ""
+        lr = f"{rates[group.split('.')[0]]:g}" if trainable else "frozen"
+        table.append((group + note, f"{total:,}", f"{trainable:,}", lr))
+    table.append(("total", f"{sum(r[0] for r in rows.values()):,}", f"{sum(r[1] for r in rows.values()):,}", ""))
+    widths = [max(len(row[column]) for row in table) for column in range(4)]
+    return "\n".join(row[0].ljust(widths[0]) + "".join(f"  {cell:>{width}}" for cell, width in zip(row[1:], widths[1:]))
+                     for row in table)

@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 from llava.data.types import ConfigurationError
 from llava.model.components import linear_layer_names, module_name
 from llava.model.modeling import LlavaForConditionalGeneration
+from llava.model.vision_layers import tuned_vision_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
 # `--lora_target_modules` entries with this prefix name vision-tower modules; all others name LM modules.
@@ -63,15 +64,17 @@ def lora_target_names(model: torch.nn.Module, targets: list[str]) -> list[str]:
 
 
 def add_adapters(model: LlavaForConditionalGeneration, targets: list[str], *, r: int, alpha: int, dropout: float,
-                 train_projector: bool, train_vision_tower: bool) -> PeftModel:
+                 train_projector: bool, train_vision_tower: bool, vision_last_n_layers: int | None = None
+                 ) -> PeftModel:
     """Wrap `model` with LoRA adapters on the `targets` (see `lora_target_names`): adapters and the fully trained
     modules train, every other weight is frozen.
 
-    An unfrozen projector, and an unfrozen vision tower without adapters of its own, train in full next to the
-    adapters (peft `modules_to_save`), which also puts their weights into every adapter checkpoint."""
+    An unfrozen projector, and an unfrozen vision tower without adapters of its own (only its last
+    `vision_last_n_layers` layers when given, see `tuned_vision_modules`), train in full next to the adapters (peft
+    `modules_to_save`), which also puts their weights into every adapter checkpoint."""
     fully_trained = [module_name(model, "projector")] if train_projector else []
     if train_vision_tower and not any(t.startswith(VISION_TARGET_PREFIX) for t in targets):
-        fully_trained.append(module_name(model, "vision_tower"))
+        fully_trained += tuned_vision_modules(model, vision_last_n_layers)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_names(model, targets),
                         modules_to_save=fully_trained or None)
     return get_peft_model(model, config)

@@ -170,6 +170,20 @@ def read_chat_template(value: str) -> str:
     return value
 
 
+# What a --chat_template value that names a file ends with; a Jinja string never does.
+_TEMPLATE_FILE_SUFFIXES = (".jinja", ".j2", ".txt")
+
+
+def check_chat_template_path(value: str | None) -> None:
+    """Refuse a --chat_template that looks like a file path (a template suffix, or a path separator and no Jinja
+    braces) but names no file: it would be used as the literal template, and every sample then fails oddly."""
+    if not value or os.path.isfile(value) or "{" in value:
+        return
+    if value.lower().endswith(_TEMPLATE_FILE_SUFFIXES) or os.sep in value:
+        raise ValueError(f"--chat_template {value}: no such file. Pass the path of a template file, or the "
+                         "template itself as a Jinja string.")
+
+
 # Templates with a thinking switch (Qwen3) default to thinking, and then their generation prompt lacks the empty
 # think block that every trained answer (LLaVA data has no reasoning) follows; off by default, the prompt that
 # plain transformers, vLLM or lmms-eval render is the one training saw. `enable_thinking=True` still turns it on.

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from llava.model.processor import check_chat_template_path
 from llava.training.distributed import keeping_started_state, start_deepspeed_on_cpu
 from llava.utils.files import cache_root
 
@@ -82,7 +83,7 @@ class ProcessorArguments:
     )
 
     def __post_init__(self) -> None:
-        _check_chat_template_path(self.chat_template)
+        check_chat_template_path(self.chat_template)
         parts = [self.vision_model_name_or_path, self.language_model_name_or_path]
         if self.model_name_or_path and any(parts):
             raise ValueError(
@@ -156,20 +157,6 @@ class ModelArguments(ProcessorArguments):
         """The loading settings `llava.model.building` takes (dtype, attention kernel, remote code)."""
         return {"dtype": self.dtype, "attn_implementation": self.attn_implementation,
                 "trust_remote_code": self.trust_remote_code}
-
-
-# What a --chat_template value that names a file ends with; a Jinja string never does.
-_TEMPLATE_FILE_SUFFIXES = (".jinja", ".j2", ".txt")
-
-
-def _check_chat_template_path(value: str | None) -> None:
-    """Refuse a --chat_template that looks like a file path (a template suffix, or a path separator and no Jinja
-    braces) but names no file: it would be used as the literal template, and every sample then fails oddly."""
-    if not value or os.path.isfile(value) or "{" in value:
-        return
-    if value.lower().endswith(_TEMPLATE_FILE_SUFFIXES) or os.sep in value:
-        raise ValueError(f"--chat_template {value}: no such file. Pass the path of a template file, or the "
-                         "template itself as a Jinja string.")
 
 
 @dataclass
@@ -350,6 +337,14 @@ class LlavaTrainingArguments(TrainingArguments):
     vision_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the vision tower when it trains (default: --learning_rate)."}
     )
+    vision_tune_last_n_layers: int | None = field(
+        default=None,
+        metadata={"help": "Train only the vision tower's last N encoder layers (with --freeze_vision_model False; at "
+                          "--vision_lr), counted among the layers feeding the projector: under --vision_feature_layer "
+                          "-2, N=1 trains the penultimate layer (the last one's output is never read). The final norm "
+                          "stays frozen (the features are taken before it); the embeddings train only when N is "
+                          "every feeding layer, which trains the whole tower. Unset: the whole tower."},
+    )
     packing: bool = field(
         default=False,
         metadata={"help": "Pack whole samples (never split; image tokens counted) into rows of at most "
@@ -382,10 +377,8 @@ class LlavaTrainingArguments(TrainingArguments):
                 "checkpoint by. Drop these flags; evaluate saved checkpoints with `python -m llava.evaluate`, and "
                 "watch answers to held-out questions with --sample_data_path.")
         if self.freeze_vision_model and self.freeze_projector and self.freeze_language_model:
-            raise ValueError(
-                "Every component is frozen, so nothing would train. Unfreeze at least one of "
-                "--freeze_vision_model False, --freeze_projector False, --freeze_language_model False."
-            )
+            raise ValueError("Every component is frozen, so nothing would train. Unfreeze at least one of "
+                             "--freeze_vision_model False, --freeze_projector False, --freeze_language_model False.")
         for flag, frozen in (("projector_lr", "freeze_projector"), ("vision_lr", "freeze_vision_model")):
             value = getattr(self, flag)
             if value is not None and not value > 0:
@@ -395,6 +388,7 @@ class LlavaTrainingArguments(TrainingArguments):
                 raise ValueError(f"--{flag} {value} is the learning rate of a component that --{frozen} True keeps "
                                  f"fixed, so it would reach no parameter. Drop --{flag}, or pass --{frozen} False to "
                                  "train the component at that rate.")
+        self._check_vision_tuning()
         self._check_planned_batches()
 
     def _set_multi_process_defaults(self) -> None:
@@ -404,8 +398,9 @@ class LlavaTrainingArguments(TrainingArguments):
           output_dir, unless --use_cpu True, which makes them one DDP run over gloo. Set it, except under
           --deepspeed, where --use_cpu True would make accelerate skip DeepSpeed (silently plain DDP): DeepSpeed
           runs on its CPU accelerator instead, over gloo (started in `_setup_devices`).
-        - --ddp_find_unused_parameters unset: True only when the vision tower trains, because its layers after
-          --vision_feature_layer (and post_layernorm) never get a gradient; transformers' default (False under
+        - --ddp_find_unused_parameters unset: True only when the vision tower trains (also partly: an N of
+          --vision_tune_last_n_layers covering every feeding layer trains it whole), because its layers after
+          --vision_feature_layer and its final norm never get a gradient; transformers' default (False under
           gradient checkpointing) then fails at the second step. Every other trainable weight is used at every step
           (text-only batches too, see `LlavaForConditionalGeneration._encodes_images_first`), so DDP skips the search.
         """
@@ -429,6 +424,15 @@ class LlavaTrainingArguments(TrainingArguments):
         if self._deepspeed_on_cpu:
             start_deepspeed_on_cpu(self.ddp_timeout)
         return super()._setup_devices
+
+    def _check_vision_tuning(self) -> None:
+        """--vision_tune_last_n_layers: at least one layer, of a tower that trains (the model checks the count)."""
+        n = self.vision_tune_last_n_layers
+        if n is not None and (n <= 0 or self.freeze_vision_model):
+            raise ValueError(f"--vision_tune_last_n_layers {n} " + (
+                "must be at least 1; to keep the tower fixed, drop it." if n <= 0 else
+                "trains the vision tower's last layers, but --freeze_vision_model True (the default) keeps the "
+                "tower fixed. Pass --freeze_vision_model False with it, or drop --vision_tune_last_n_layers."))
 
     def _check_planned_batches(self) -> None:
         """--max_tokens_per_batch plans whole batches (one DataLoader item each); the Trainer's length-balancing

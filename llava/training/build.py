@@ -18,7 +18,9 @@ from llava.model.mlp_recompute import recompute_mlp_activations
 from llava.model.modeling import LlavaForConditionalGeneration
 from llava.model.processor import build_processor, image_token_count, load_processor
 from llava.model.quantization import quantization_config
+from llava.model.vision_layers import train_last_vision_layers
 from llava.training.arguments import LlavaTrainingArguments, LoraArguments, ModelArguments, ProcessorArguments
+from llava.training.trainer import check_rates_reach_parameters
 
 BASE_SUBFOLDER = "base_model"  # where a LoRA run assembled from parts keeps the base its adapters need
 
@@ -54,12 +56,10 @@ def model_for_training(model_args: ModelArguments, lora_args: LoraArguments, tra
     """The model to train: full weights frozen per component, or (--lora_enable) a frozen base, its LM quantized
     with --load_in_4bit/8bit, carrying adapters next to the fully trained unfrozen components."""
     if lora_args.lora_enable:
-        model = lora_model(model_args, lora_args, training_args, processor, tokens_per_image)
+        model = lora_base_model(model_args, training_args, processor, tokens_per_image)
     else:
         model = base_model_for(model_args, processor, tokens_per_image)
-        set_trainable(model, vision_tower=not training_args.freeze_vision_model,
-                      projector=not training_args.freeze_projector,
-                      language_model=not training_args.freeze_language_model)
+    model = trainable_model(model, lora_args, training_args)
     # --gradient_checkpointing: the Trainer switches it on, through `LlavaForConditionalGeneration`'s overrides
     # (only the LM's embeddings made to require grad; a frozen tower is not checkpointed).
     if training_args.recompute_mlp_activations and not (
@@ -68,12 +68,34 @@ def model_for_training(model_args: ModelArguments, lora_args: LoraArguments, tra
     return model
 
 
+def trainable_model(model: LlavaForConditionalGeneration, lora_args: LoraArguments,
+                    training_args: LlavaTrainingArguments) -> torch.nn.Module:
+    """`model` set to train what the flags say: adapters (`add_lora`), or full weights frozen per component, the
+    vision tower only in its last layers under --vision_tune_last_n_layers.
+
+    Raises:
+        ConfigurationError: --projector_lr/--vision_lr would reach no trainable parameter, or the tower has fewer
+            feeding layers than --vision_tune_last_n_layers.
+    """
+    if lora_args.lora_enable:
+        model = add_lora(model, lora_args, training_args)
+    else:
+        set_trainable(model, vision_tower=not training_args.freeze_vision_model,
+                      projector=not training_args.freeze_projector,
+                      language_model=not training_args.freeze_language_model)
+        if training_args.vision_tune_last_n_layers is not None:
+            train_last_vision_layers(model, training_args.vision_tune_last_n_layers)
+    check_rates_reach_parameters(model, training_args)
+    return model
+
+
 def add_lora(model: LlavaForConditionalGeneration, lora_args: LoraArguments,
              training_args: LlavaTrainingArguments) -> PeftModel:
     """`model` with the adapters the flags ask for (`llava.model.lora.add_adapters`)."""
     return add_adapters(model, lora_args.lora_targets, r=lora_args.lora_r, alpha=lora_args.lora_alpha,
                         dropout=lora_args.lora_dropout, train_projector=not training_args.freeze_projector,
-                        train_vision_tower=not training_args.freeze_vision_model)
+                        train_vision_tower=not training_args.freeze_vision_model,
+                        vision_last_n_layers=training_args.vision_tune_last_n_layers)
 
 
 def training_dtype(args: LlavaTrainingArguments) -> torch.dtype:
@@ -81,9 +103,9 @@ def training_dtype(args: LlavaTrainingArguments) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
-def lora_model(model_args: ModelArguments, lora_args: LoraArguments, training_args: LlavaTrainingArguments,
-               processor: ProcessorMixin, tokens_per_image: int) -> PeftModel:
-    """The base LLaVA (LM quantized for QLoRA) wrapped with adapters, ready for `LlavaTrainer`.
+def lora_base_model(model_args: ModelArguments, training_args: LlavaTrainingArguments, processor: ProcessorMixin,
+                    tokens_per_image: int) -> LlavaForConditionalGeneration:
+    """The base LLaVA that a LoRA run's adapters go on (its LM quantized for QLoRA).
 
     Adapter checkpoints name their base by path, so the base must exist on disk in full precision: a model
     assembled from parts is first saved to `<output_dir>/base_model` (for QLoRA then reloaded from there
@@ -109,4 +131,4 @@ def lora_model(model_args: ModelArguments, lora_args: LoraArguments, training_ar
         model = load_llava(base_path, **model_args.load_kwargs, quantization=quantization)
     if os.path.isdir(base_path):  # an absolute path keeps the checkpoints loadable from any working directory
         model.name_or_path = model.config.name_or_path = os.path.abspath(base_path)
-    return add_lora(model, lora_args, training_args)
+    return model

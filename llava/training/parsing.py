@@ -150,3 +150,9 @@ def check_lora(lora: LoraArguments, training: LlavaTrainingArguments) -> None:
             f"--lora_target_modules names vision-tower modules ({','.join(vision)}), but --freeze_vision_model "
             "True keeps the tower fixed. Pass --freeze_vision_model False, or drop the vision_tower.* names."
         )
+    if vision and training.vision_tune_last_n_layers is not None:
+        raise ValueError(
+            f"--vision_tune_last_n_layers {training.vision_tune_last_n_layers} trains the tower's last layers in full, "
+            f"but --lora_target_modules also puts adapters on it ({','.join(vision)}). Pick one: drop the "
+            "vision_tower.* names, or drop --vision_tune_last_n_layers."
+        )

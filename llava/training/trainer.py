@@ -17,6 +17,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.data.dataset import LlavaDataset
+from llava.data.types import ConfigurationError
 from llava.data.packing import PlannedDataset
 from llava.model.components import components, parameter_table
 from llava.model.final_output import prepare_staging, publish_final_output, staging_folder
@@ -68,7 +69,7 @@ class LlavaTrainer(Trainer):
         what trains. `llava.training.run` decides the folder once, for every process
         (`llava.training.checkpoints.resolve_resume_checkpoint`)."""
         if self.is_world_process_zero():
-            logger.info("Parameters per component:\n%s", parameter_table(self.model))
+            logger.info("Parameters per component:\n%s", parameter_table(self.model, component_rates(self.args)))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
@@ -220,16 +221,42 @@ def _out_of_space(error: Exception) -> bool:
     return "unexpected pos" in str(error) or "No space left on device" in str(error)
 
 
-def parameter_groups(model: torch.nn.Module, args: LlavaTrainingArguments, decay_names: set[str]) -> list[dict]:
-    """Trainable parameters grouped by (component, weight decay or not).
+# The components with a learning rate flag of their own; every other parameter trains at --learning_rate.
+RATE_FLAGS = {"projector": "projector_lr", "vision_tower": "vision_lr"}
 
-    The projector learns at `args.projector_lr` and the vision tower (its adapters included) at `args.vision_lr`,
-    each defaulting to `args.learning_rate`; everything else (the LM or its adapters, lm_head) at
-    `args.learning_rate`. Parameters outside `decay_names` (biases and norms) get no weight decay. Each group
-    carries a "name" for logs and tests.
+
+def component_rates(args: LlavaTrainingArguments) -> dict[str, float]:
+    """The learning rate of each component: `--projector_lr` and `--vision_lr` (the tower's adapters included),
+    each defaulting to `--learning_rate`, which the LM (or its adapters) and lm_head train at."""
+    rates = dict.fromkeys(("vision_tower", "projector", "language_model", "lm_head"), args.learning_rate)
+    rates.update({component: getattr(args, flag) for component, flag in RATE_FLAGS.items()
+                  if getattr(args, flag) is not None})
+    return rates
+
+
+def check_rates_reach_parameters(model: torch.nn.Module, args: LlavaTrainingArguments) -> None:
+    """Refuse `--projector_lr`/`--vision_lr` when its component ends up with nothing trainable (after freezing,
+    partial vision tuning and LoRA): the flag-level check in `LlavaTrainingArguments` sees only the freeze flags.
+
+    Raises:
+        ConfigurationError: the flag, its component and the fix.
     """
-    rates = {"projector": args.projector_lr, "vision_tower": args.vision_lr}
-    component_of = {id(p): name for name, module in components(model).items() if name in rates
+    for component, flag in RATE_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None and not any(p.requires_grad for p in components(model)[component].parameters()):
+            raise ConfigurationError(
+                f"--{flag} {value} is the learning rate of the {component}, but nothing of it is trainable in this "
+                f"model (after the freeze flags, --vision_tune_last_n_layers and LoRA), so it would reach no "
+                f"parameter. Drop --{flag}, or make part of the {component} train.")
+
+
+def parameter_groups(model: torch.nn.Module, args: LlavaTrainingArguments, decay_names: set[str]) -> list[dict]:
+    """Trainable parameters grouped by (component, weight decay or not), each at its `component_rates` rate;
+    lm_head joins the LM's groups (same rate). Parameters outside `decay_names` (biases and norms) get no weight
+    decay. Each group carries a "name" for logs and tests.
+    """
+    rates = component_rates(args)
+    component_of = {id(p): name for name, module in components(model).items() if name in RATE_FLAGS
                     for p in module.parameters()}
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
@@ -238,8 +265,7 @@ def parameter_groups(model: torch.nn.Module, args: LlavaTrainingArguments, decay
         component = component_of.get(id(param), "language_model")
         decay = name in decay_names
         key = component if decay else f"{component}/no_decay"
-        lr = rates.get(component)
         group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": args.weight_decay if decay else 0.0,
-                                        "lr": args.learning_rate if lr is None else lr})
+                                        "lr": rates[component]})
         group["params"].append(param)
     return list(groups.values())

@@ -100,14 +100,16 @@ def test_frozen_tower_builds_no_graph_and_unfrozen_tower_trains(parts):
         assert all(p.grad is not None for p in model.model.multi_modal_projector.parameters())
 
 
-def test_parameter_table_counts_each_component(parts):
+def test_parameter_table_counts_each_component_with_its_learning_rate(parts):
     model, _ = assemble(parts)
     set_trainable(model, vision_tower=False, projector=True, language_model=False)
-    table = parameter_table(model)
+    table = parameter_table(model, {"vision_tower": 1e-4, "projector": 2e-3, "language_model": 1.0, "lm_head": 1.0})
     projector = sum(p.numel() for p in components(model)["projector"].parameters())
-    assert f"{projector:,}" in table.splitlines()[2]
-    total_line = table.splitlines()[-1].split()
-    assert total_line[0] == "total" and total_line[2] == f"{projector:,}"
+    rows = [line.split() for line in table.splitlines()]
+    assert rows[0] == ["group", "parameters", "trainable", "lr"]
+    assert rows[2] == ["projector", f"{projector:,}", f"{projector:,}", "0.002"]
+    assert [row[-1] for row in rows[1:5]] == ["frozen", "0.002", "frozen", "frozen"]  # no rate where nothing trains
+    assert rows[-1] == ["total", rows[-1][1], f"{projector:,}"]
 
 
 def test_checkpoint_class_name_is_upstream():

@@ -29,6 +29,12 @@ def test_parts_and_stage_flags_parse():
     (PARTS + DATA + ["--eval_strategy", "steps"], "trains without an evaluation set.*llava.evaluate"),
     (PARTS + DATA + ["--eval_strategy", "steps", "--save_strategy", "steps", "--load_best_model_at_end", "True"],
      "nothing to evaluate or pick a best checkpoint by"),
+    (PARTS + DATA + ["--vision_tune_last_n_layers", "2"],
+     "--vision_tune_last_n_layers 2 trains .* --freeze_vision_model True .* Pass --freeze_vision_model False"),
+    (PARTS + DATA + ["--freeze_vision_model", "False", "--vision_tune_last_n_layers", "0"], "must be at least 1"),
+    (PARTS + DATA + ["--freeze_vision_model", "False", "--vision_tune_last_n_layers", "1", "--lora_enable", "True",
+                     "--lora_target_modules", "all-linear,vision_tower.q_proj"],
+     "also puts adapters on it .*vision_tower.q_proj.* Pick one"),
 ])
 def test_conflicting_flags_fail_with_the_fix(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -54,6 +60,7 @@ def test_single_config_file(tmp_path):
 @pytest.mark.parametrize("flags, find_unused", [
     ([], False),  # every trainable weight is used at every step
     (["--freeze_vision_model", "False"], True),  # the tower's layers after --vision_feature_layer are not
+    (["--freeze_vision_model", "False", "--vision_tune_last_n_layers", "1"], True),  # N may cover every layer
     (["--ddp_find_unused_parameters", "True"], True),
 ])
 def test_ddp_searches_unused_parameters_only_when_the_tower_trains(flags, find_unused):

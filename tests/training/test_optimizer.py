@@ -4,11 +4,12 @@ import pytest
 from transformers import AutoProcessor
 
 from llava.data.collator import LlavaDataCollator
+from llava.data.types import ConfigurationError
 from llava.model.components import set_trainable
 from llava.training.build import add_lora
 from llava.model.modeling import LlavaForConditionalGeneration
 from llava.training.parsing import parse_args
-from llava.training.trainer import LlavaTrainer
+from llava.training.trainer import LlavaTrainer, check_rates_reach_parameters
 
 LRS = ["--learning_rate", "1e-3", "--projector_lr", "2e-3", "--vision_lr", "3e-4", "--weight_decay", "0.1"]
 LORA = ["--lora_enable", "True", "--lora_r", "4"]
@@ -55,3 +56,16 @@ def test_groups_have_their_component_lr_and_decay(llava_checkpoint, tmp_path, fl
 def test_learning_rates_default_to_the_main_one(llava_checkpoint, tmp_path):
     groups, _ = optimizer_groups(llava_checkpoint, tmp_path, "--learning_rate", "5e-4")
     assert {group["lr"] for group, _ in groups.values()} == {5e-4}
+
+
+def test_a_group_rate_reaching_no_trainable_parameter_is_refused(llava_checkpoint, tmp_path):
+    """The flags pass (the tower is unfrozen), but the model ends up with nothing of the tower trainable."""
+    args = parse_args(["--model_name_or_path", llava_checkpoint, "--data_path", "d.json", "--output_dir",
+                       str(tmp_path), "--freeze_vision_model", "False", "--vision_lr", "1e-5"]).training
+    model = LlavaForConditionalGeneration.from_pretrained(llava_checkpoint)
+    set_trainable(model, vision_tower=True, projector=True, language_model=True)
+    check_rates_reach_parameters(model, args)  # the tower trains: accepted
+    model.model.vision_tower.requires_grad_(False)
+    with pytest.raises(ConfigurationError, match=r"--vision_lr 1e-05 is the learning rate of the vision_tower, but "
+                                                 r"nothing of it is trainable.* Drop --vision_lr"):
+        check_rates_reach_parameters(model, args)

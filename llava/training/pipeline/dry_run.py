@@ -12,15 +12,16 @@ from transformers import AutoConfig, LlavaConfig
 
 from llava.data.mixture import Mixture, mixture_table, select
 from llava.data.packing import planned_batches
-from llava.model.components import components, set_trainable
+from llava.model.components import parameter_table
 from llava.model.modeling import LlavaForConditionalGeneration
 from llava.model.processor import image_token_count, tower_config
-from llava.training.build import add_lora, processor_for
+from llava.training.build import processor_for, trainable_model
 from llava.training.checkpoints import latest_complete_checkpoint
 from llava.training.parsing import RunArguments, parse_args
 from llava.training.pipeline.plan import RESUME, SKIP, StagePlan
 from llava.training.pipeline.spec import Pipeline, Stage, stage_argv
 from llava.training.run import checked_dataset, data_seed
+from llava.training.trainer import component_rates
 
 
 def describe_plan(pipeline: Pipeline, plans: list[StagePlan], mixtures: dict[str, Mixture],
@@ -83,27 +84,9 @@ def _meta_model(model_args, processor) -> LlavaForConditionalGeneration:
 
 def parameter_rows(model: LlavaForConditionalGeneration, args: RunArguments) -> str:
     """Per component: parameters, trainable ones and their learning rate, as the stage would train `model`."""
-    training = args.training
-    if args.lora.lora_enable:
-        with torch.device("meta"):
-            model = add_lora(model, args.lora, training)
-    else:
-        set_trainable(model, vision_tower=not training.freeze_vision_model,
-                      projector=not training.freeze_projector, language_model=not training.freeze_language_model)
-    rates = {"vision_tower": training.vision_lr, "projector": training.projector_lr}
-    rows, seen = [("component", "parameters", "trainable", "lr")], set()
-    totals = [0, 0]
-    for name, module in components(model).items():
-        params = [p for p in module.parameters() if id(p) not in seen]
-        seen |= {id(p) for p in params}
-        total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-        totals = [totals[0] + total, totals[1] + trainable]
-        lr = rates.get(name) or training.learning_rate
-        rows.append((name, f"{total:,}", f"{trainable:,}", f"{lr:g}" if trainable else "-"))
-    rows.append(("total", f"{totals[0]:,}", f"{totals[1]:,}", ""))
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    return "\n".join(row[0].ljust(widths[0]) + "".join(f"  {cell:>{width}}" for cell, width in zip(row[1:], widths[1:]))
-                     for row in rows)
+    with torch.device("meta"):
+        model = trainable_model(model, args.lora, args.training)
+    return parameter_table(model, component_rates(args.training))
 
 
 def _data_and_steps(args: RunArguments, mixture: Mixture, processor) -> str:

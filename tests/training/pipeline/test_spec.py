@@ -103,7 +103,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(parts, tmp_path, capsys):
     assert f"start:  vision tower {parts['vision']} + language model {parts['lm']}" in align
     assert "start:  stage align's final output" in instruct and str(tmp_path / "out" / "instruct") in instruct
     rows = {line.split()[0]: line.split()[1:] for line in instruct.splitlines() if line.strip()}
-    assert rows["projector"][-1] == "0.01" and rows["language_model"][-1] == "0.001" and rows["vision_tower"][-1] == "-"
+    assert rows["projector"][-1] == "0.01" and rows["language_model"][-1] == "0.001" and rows["vision_tower"][-1] == "frozen"
     assert rows["vision_tower"][1] == "0" and rows["language_model"][0] == rows["language_model"][1]
     assert [line.split()[2] for line in align.splitlines() if line.split()[:1] == ["language_model"]] == ["0"]
     assert "steps: 3 (--max_steps)" in align and "steps: 5 (--max_steps)" in instruct
