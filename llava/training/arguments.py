@@ -20,6 +20,7 @@ import torch
 from transformers import TrainingArguments
 
 from llava.training.distributed import keeping_started_state, start_deepspeed_on_cpu
+from llava.training.trainable_weights import CheckpointWeightsArguments
 from llava.utils.files import cache_root
 
 logger = logging.getLogger(__name__)
@@ -310,8 +311,9 @@ class LoraArguments:
 
 
 @dataclass
-class LlavaTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus what trains. Defaults are LLaVA-1.5 stage 2: tower frozen, projector and LM train."""
+class LlavaTrainingArguments(CheckpointWeightsArguments, TrainingArguments):
+    """`TrainingArguments` plus what trains, and what checkpoints hold (`CheckpointWeightsArguments`). Defaults are
+    LLaVA-1.5 stage 2: tower frozen, projector and LM train."""
 
     freeze_vision_model: bool = field(
         default=True,
@@ -372,6 +374,7 @@ class LlavaTrainingArguments(TrainingArguments):
         if fsdp and self.use_cpu:
             logger.warning("FSDP is ignored on CPU (accelerate shards only GPU runs): the processes run DDP, each "
                            "holding the whole model. Use GPUs for FSDP.")
+        self._check_checkpoint_weights(sharded=bool(self.deepspeed) or fsdp)
         if self.deepspeed and self.use_cpu:
             raise ValueError("--deepspeed with --use_cpu True: accelerate would skip DeepSpeed and run plain DDP. "
                              "Drop --use_cpu: without a GPU DeepSpeed runs on its CPU accelerator over gloo.")
