@@ -1,12 +1,10 @@
 """Training flags: one dataclass per concern (model, data, LoRA, training), read by `HfArgumentParser`.
 
-A training stage is a set of flags, not code: stage 1 (align) is
-`--freeze_vision_model True --freeze_language_model True`, stage 2 (instruct) is
-`--freeze_vision_model True --freeze_language_model False --model_name_or_path <stage-1 output>`.
+A stage is a set of flags, not code: stage 1 (align) is `--freeze_vision_model True --freeze_language_model True`,
+stage 2 (instruct) `--freeze_language_model False --model_name_or_path <stage-1 output>`.
 Low-memory stage 2 adds `--lora_enable True` (adapters on the LM) and, for QLoRA, `--load_in_4bit True`.
-Cross-field checks run in `__post_init__` (and, for checks spanning two dataclasses, in
-`llava.training.parsing.parse_args`), before any model is loaded, and say how to fix the flags. Nothing here reads
-data files or starts processes: the process group starts where transformers starts it (`_setup_devices`).
+Cross-field checks run in `__post_init__` (spanning two dataclasses: `llava.training.parsing.parse_args`), before any
+model loads, and say how to fix the flags. Nothing here reads data or starts processes (`_setup_devices` aside).
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from transformers import TrainingArguments
 
 from llava.model.processor import check_chat_template_path
 from llava.training.distributed import keeping_started_state, start_deepspeed_on_cpu
+from llava.training.trainable_weights import CheckpointWeightsArguments
 from llava.utils.files import cache_root
 
 logger = logging.getLogger(__name__)
@@ -297,8 +296,8 @@ class LoraArguments:
 
 
 @dataclass
-class LlavaTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus what trains. Defaults are LLaVA-1.5 stage 2: tower frozen, projector and LM train."""
+class LlavaTrainingArguments(CheckpointWeightsArguments, TrainingArguments):
+    """`TrainingArguments` plus what trains and what checkpoints hold; defaults: LLaVA-1.5 stage 2 (tower frozen)."""
 
     freeze_vision_model: bool = field(
         default=True,
@@ -367,6 +366,7 @@ class LlavaTrainingArguments(TrainingArguments):
         if fsdp and self.use_cpu:
             logger.warning("FSDP is ignored on CPU (accelerate shards only GPU runs): the processes run DDP, each "
                            "holding the whole model. Use GPUs for FSDP.")
+        self._check_checkpoint_weights(sharded=bool(self.deepspeed) or fsdp)
         if self.deepspeed and self.use_cpu:
             raise ValueError("--deepspeed with --use_cpu True: accelerate would skip DeepSpeed and run plain DDP. "
                              "Drop --use_cpu: without a GPU DeepSpeed runs on its CPU accelerator over gloo.")

@@ -30,6 +30,7 @@ from llava.training.distributed import decided_by_main_process
 from llava.training.parsing import RunArguments
 from llava.training.preemption import PREEMPTED_EXIT_CODE
 from llava.training.step_axis import OffsetTensorBoardCallback, step_offset
+from llava.training.trainable_weights import START_MODEL_RECORD, start_model_for
 from llava.training.trainer import LlavaTrainer
 from llava.utils.memory import memory_line
 
@@ -54,11 +55,13 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
         train_dataset = checked_dataset(data_args, mixture, processor, tokens_per_image)
         train_dataset, mixture_record = apply_mixture(mixture, train_dataset, data_seed(training_args))
     logger.info("%d training samples from %s (%s)", len(train_dataset), ", ".join(mixture.paths), memory_line())
-    # Which checkpoint a resume continues is decided here, once, so that its data mixture is compared before any
-    # weights load; the trainer then resumes exactly that one.
+    # Which checkpoint a resume continues is decided here, once, so that its data mixture (and, for one holding only
+    # the trainable weights, its start model: hashed once) is compared before any weights load; the trainer then
+    # resumes exactly that one.
     checkpoint = decided_by_main_process(
         lambda: resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir))
     check_resumed_mixture(mixture_record, checkpoint)
+    start_model = decided_by_main_process(lambda: start_model_for(model_args, training_args, checkpoint))
     if training_args.should_save:
         write_record(training_args.output_dir, mixture_record)
     callbacks = list(callbacks or [])
@@ -80,6 +83,8 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
         trainer.remove_callback(TensorBoardCallback)
         trainer.add_callback(OffsetTensorBoardCallback(step_offset()))
     trainer.checkpoint_records[RECORD_NAME] = mixture_record  # checked when a checkpoint is resumed
+    if start_model is not None:  # --checkpoint_weights trainable: what resuming rebuilds the other weights from
+        trainer.checkpoint_records[START_MODEL_RECORD] = start_model
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.preempted:  # checkpoint saved; the final output is written by the run that finishes
         logger.warning("Stopped by SIGTERM at step %d after saving a checkpoint; rerun the same command with "

@@ -25,6 +25,8 @@ from llava.model.hub_format import find_end_of_turn_ids, load_saved_weights, mak
 from llava.training.arguments import LlavaTrainingArguments
 from llava.training.checkpoints import begin_save, latest_complete_checkpoint, mark_complete, rotate_checkpoints
 from llava.training.preemption import PreemptionCallback, ignoring_sigterm
+from llava.training.trainable_weights import (holds_trainable_weights_only, load_trainable_weights,
+                                              save_trainable_weights)
 from llava.utils.files import follow_umask, write_json_atomically
 
 TRAINING_ARGS_JSON = "training_args.json"
@@ -40,6 +42,8 @@ class LlavaTrainer(Trainer):
     - Logs the per-component parameter table when training starts, so what trains is never a surprise.
     - Optimizer parameter groups per component (`--projector_lr`, `--vision_lr`), see `parameter_groups`.
     - Resuming a full-weight checkpoint restores every weight (see `_load_from_checkpoint`).
+    - `--checkpoint_weights trainable`: checkpoint-N holds only the weights that train, resumed over the start model
+      (see `llava.training.trainable_weights`); the final output stays complete.
     - Crash-safe checkpoints: a checkpoint-N counts only once complete (see `_save_checkpoint` and
       `llava.training.checkpoints`, whose `resolve_resume_checkpoint` says which one a run resumes); the final
       output is published atomically (`save_final_output`).
@@ -54,7 +58,8 @@ class LlavaTrainer(Trainer):
         if processing_class is None:
             raise ValueError("LlavaTrainer needs processing_class=<the LlavaProcessor>, so checkpoints are complete.")
         super().__init__(*args, processing_class=processing_class, **kwargs)
-        self._deferred_save_total_limit: int | None = None  # set while `_rotation_deferred` holds the user's value
+        self._deferred_save_total_limit: int | None = None  # set while `_inside_checkpoint_save` holds the user's value
+        self._saving_checkpoint = False  # True inside `Trainer._save_checkpoint` (see `_inside_checkpoint_save`)
         self.checkpoint_records: dict[str, object] = {}
         self.preemption = PreemptionCallback(self._any_process)
         self.add_callback(self.preemption)
@@ -99,7 +104,7 @@ class LlavaTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # no process writes into the folder while it is being deleted
         limit = self.args.save_total_limit
         try:
-            with self._rotation_deferred():
+            with self._inside_checkpoint_save():
                 super()._save_checkpoint(model, trial)
         except (OSError, RuntimeError) as error:
             if not _out_of_space(error):
@@ -117,31 +122,52 @@ class LlavaTrainer(Trainer):
                                protected=self.state.best_model_checkpoint)
 
     @contextlib.contextmanager
-    def _rotation_deferred(self) -> Iterator[None]:
-        """Switch off the rotation inside `Trainer._save_checkpoint`: it would delete old checkpoints while the new
-        one is still incomplete (and count incomplete leftovers as checkpoints). `_save_checkpoint` rotates after."""
+    def _inside_checkpoint_save(self) -> Iterator[None]:
+        """Around `Trainer._save_checkpoint`: its rotation switched off, since it would delete old checkpoints while
+        the new one is still incomplete (and count incomplete leftovers as checkpoints; `_save_checkpoint` rotates
+        after); `_saving_checkpoint` True, so `_save` knows a checkpoint-N from the final output."""
         self._deferred_save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None
+        self._saving_checkpoint = True
         try:
             yield
         finally:
             self.args.save_total_limit, self._deferred_save_total_limit = self._deferred_save_total_limit, None
+            self._saving_checkpoint = False
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Trainer's save of weights (llava-hf names, see `LlavaForConditionalGeneration.save_pretrained`), config
         and processor, the processor files completed by `make_processor_files_portable` so transformers 4.x and serving stacks read it too,
         with the training arguments as JSON: transformers pickles them to training_args.bin, and nothing we write
-        should need unpickling to read."""
-        super()._save(output_dir, state_dict)
+        should need unpickling to read. A checkpoint-N under --checkpoint_weights trainable gets the trainable
+        weights and the training arguments only (`_saves_trainable_weights_only`)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self._saves_trainable_weights_only:
+            if self.args.should_save:
+                save_trainable_weights(self.model, output_dir)
+                follow_umask(output_dir)
+                self._write_training_arguments(output_dir)
+            return
+        super()._save(output_dir, state_dict)
         if self.args.should_save:
             follow_umask(output_dir)  # adapter weights too (peft writes them), not only `save_pretrained`'s
             make_processor_files_portable(self.processing_class, output_dir, self._end_of_turn_ids)
-            values = self.args.to_dict()
-            if self._deferred_save_total_limit is not None:
-                values["save_total_limit"] = self._deferred_save_total_limit
-            with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
-                json.dump(values, f, indent=2, sort_keys=True)
+            self._write_training_arguments(output_dir)
             os.remove(os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    @property
+    def _saves_trainable_weights_only(self) -> bool:
+        """Whether this save writes only the trainable weights: a checkpoint-N under --checkpoint_weights trainable.
+        Never the final output, nor a peft model's checkpoint-N (which holds only what trains anyway)."""
+        return (self._saving_checkpoint and self.args.checkpoint_weights == "trainable"
+                and isinstance(self.model, PreTrainedModel))
+
+    def _write_training_arguments(self, output_dir: str) -> None:
+        """The run's flags as JSON; --save_total_limit as given, even while a checkpoint save defers it."""
+        values = self.args.to_dict()
+        if self._deferred_save_total_limit is not None:
+            values["save_total_limit"] = self._deferred_save_total_limit
+        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+            json.dump(values, f, indent=2, sort_keys=True)
 
     @functools.cached_property
     def _end_of_turn_ids(self) -> list[int]:
@@ -185,9 +211,13 @@ class LlavaTrainer(Trainer):
         Why: Trainer loads them with a raw `load_state_dict`, but checkpoints hold the llava-hf names
         (`language_model.model.*`), or earlier saves' names, that it does not map back. The raw load misses every
         LM weight, merely warns, and the run resumes from the LM it started with (transformers #43701).
-        Adapter checkpoints (peft models), FSDP and DeepSpeed go through Trainer's own loading.
+        Adapter checkpoints (peft models), FSDP and DeepSpeed go through Trainer's own loading. A checkpoint holding
+        only the trainable weights (`--checkpoint_weights trainable`) loads them over the start model the run was
+        built from, which `llava.training.run` has checked is the one the checkpoint was trained from.
         """
         target = self.model if model is None else model
+        if holds_trainable_weights_only(resume_from_checkpoint):
+            return load_trainable_weights(target, resume_from_checkpoint)
         if not isinstance(target, PreTrainedModel) or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         if not load_saved_weights(target, resume_from_checkpoint):

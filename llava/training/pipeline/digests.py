@@ -15,8 +15,8 @@ from llava.model.final_output import FINAL_MARKER, marked_files
 NEUTRAL_FLAGS = frozenset({
     "output_dir", "resume_from_checkpoint", "logging_steps", "logging_strategy", "logging_first_step",
     "logging_nan_inf_filter", "save_steps", "save_strategy", "save_total_limit", "save_on_each_node",
-    "save_only_model", "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm", "log_level",
-    "log_level_replica", "log_on_each_node", "dataloader_num_workers", "dataloader_prefetch_factor",
+    "save_only_model", "checkpoint_weights", "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm",
+    "log_level", "log_level_replica", "log_on_each_node", "dataloader_num_workers", "dataloader_prefetch_factor",
     "dataloader_persistent_workers", "dataloader_pin_memory", "data_cache_dir", "sample_data_path",
     "sample_image_folder", "num_logged_samples", "ddp_timeout", "push_to_hub", "hub_model_id", "hub_strategy",
     "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "overwrite_output_dir",
