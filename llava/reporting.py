@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from llava.data.types import ConfigurationError, DataError
 from llava.model.final_output import IncompleteFinalOutputError
-from llava.training.checkpoints import ForeignCheckpointError, MissingCheckpointError
+from llava.training.checkpoint_errors import ForeignCheckpointError, MissingCheckpointError
 from llava.training.run_lock import OutputDirBusyError, OutputDirNotWritableError
 
 TRACEBACK_ENV = "TRAIN_LLAVA_TRACEBACK"

@@ -4,18 +4,20 @@ output_dir, train (`llava.training.run.train`). `--help` lists every flag; see R
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-from transformers import TrainerCallback
+from typing import TYPE_CHECKING
 
-from llava.data.mixture import read_mixture
 from llava.reporting import run_command
-from llava.training.parsing import CONFIG_SUFFIXES, parse_args
+from llava.training.pipeline.arguments import FLAG_NAMES_ENV
 from llava.training.pipeline.runner import run_pipeline
-from llava.training.pipeline.spec import is_pipeline_file
-from llava.training.run import train
-from llava.training.run_lock import run_lock
-from llava.training.trainer import LlavaTrainer
+from llava.training.pipeline.spec import CONFIG_SUFFIXES, is_pipeline_file
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+
+    from llava.training.trainer import LlavaTrainer
 
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> LlavaTrainer | int:
@@ -29,7 +31,17 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
                         stream=sys.stdout)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0].lower().endswith(CONFIG_SUFFIXES) and is_pipeline_file(argv[0]):
+        if os.environ.get(FLAG_NAMES_ENV):  # the checks' process that the pipeline's own process starts
+            from llava.training.pipeline.check import main as check_pipeline
+
+            return check_pipeline(argv)
         return run_pipeline(argv)
+    # Imported here: a pipeline's process never needs them (it stays free of torch while its stages train).
+    from llava.data.mixture import read_mixture
+    from llava.training.parsing import parse_args
+    from llava.training.run import train
+    from llava.training.run_lock import run_lock
+
     args = parse_args(argv)
     mixture = read_mixture(args.data.data_path, args.data.image_folder)
     with run_lock(args.training.output_dir):

@@ -1,12 +1,15 @@
-"""TensorBoard callback that shows what the model answers, not only a loss curve."""
+"""TensorBoard callbacks: what the model answers, not only a loss curve; a pipeline stage's steps on the pipeline's
+step axis, and its flags."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 from llava.data.images import load_image, resolve_image_path
 from llava.data.types import Sample
@@ -72,3 +75,28 @@ class SampleAnswersCallback(TrainerCallback):
         self._log(args, state, model)
         if self.writer is not None:
             self.writer.close()
+
+
+class OffsetTensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoard callback, logging at `offset` + the run's global step (a pipeline's later stage)."""
+
+    def __init__(self, offset: int):
+        super().__init__()
+        self.offset = offset
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shifted = copy.copy(state)
+        shifted.global_step = state.global_step + self.offset
+        super().on_log(args, shifted, control, logs=logs, **kwargs)
+
+
+def write_flags_text(log_dir: str, stage: str, argv: list[str], step: int) -> None:
+    """A pipeline stage's command-line flags as a table in TensorBoard's Text tab, at the step it starts from."""
+    pairs, index = [], 0
+    while index < len(argv):
+        has_value = index + 1 < len(argv) and not argv[index + 1].startswith("--")
+        pairs.append((argv[index].lstrip("-"), argv[index + 1] if has_value else ""))
+        index += 2 if has_value else 1
+    rows = ["| flag | value |", "|---|---|", *(f"| {flag} | {value} |" for flag, value in pairs)]
+    with SummaryWriter(log_dir) as writer:
+        writer.add_text(f"pipeline/{stage}/flags", "\n".join(rows), step)

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from llava.training.checkpoint_errors import ForeignCheckpointError, MissingCheckpointError
 from llava.utils.files import fsync_dir, fsync_tree, write_json_atomically
 
 logger = logging.getLogger(__name__)
@@ -124,14 +125,6 @@ def latest_resumable_checkpoint(output_dir: str) -> str | None:
         logger.warning("%s has no %s (written by another tool or an older version?); its trainer state and "
                        "weights verify, so training resumes from it.", latest, COMPLETE_MARKER)
     return latest
-
-
-class ForeignCheckpointError(RuntimeError):
-    """Foreign checkpoint folders stand where training would go next."""
-
-
-class MissingCheckpointError(FileNotFoundError):
-    """`--resume_from_checkpoint` names a folder that does not exist."""
 
 
 def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:

@@ -14,6 +14,7 @@ from transformers import HfArgumentParser
 from llava.data.types import ConfigurationError
 from llava.model.lora import VISION_TARGET_PREFIX
 from llava.training.arguments import DataArguments, LlavaTrainingArguments, LoraArguments, ModelArguments
+from llava.training.pipeline.spec import CONFIG_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ class RunArguments(NamedTuple):
     training: LlavaTrainingArguments
 
 
-CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 RUN_DATACLASSES = (ModelArguments, DataArguments, LoraArguments, LlavaTrainingArguments)
 
 

@@ -24,12 +24,12 @@ from llava.model.final_output import finish_interrupted_publish
 from llava.model.lora import ADAPTER_SUBFOLDER
 from llava.model.processor import image_token_count
 from llava.training.build import model_for_training, processor_for
-from llava.training.callbacks import SampleAnswersCallback
+from llava.training.callbacks import OffsetTensorBoardCallback, SampleAnswersCallback, write_flags_text
 from llava.training.checkpoints import resolve_resume_checkpoint
 from llava.training.distributed import decided_by_main_process
 from llava.training.parsing import RunArguments
 from llava.training.preemption import PREEMPTED_EXIT_CODE
-from llava.training.step_axis import OffsetTensorBoardCallback, step_offset
+from llava.training.step_axis import pipeline_stage, step_offset
 from llava.training.trainable_weights import START_MODEL_RECORD, start_model_for
 from llava.training.trainer import LlavaTrainer
 from llava.utils.memory import memory_line
@@ -82,6 +82,8 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
     if "tensorboard" in training_args.report_to and step_offset():  # a pipeline's later stage
         trainer.remove_callback(TensorBoardCallback)
         trainer.add_callback(OffsetTensorBoardCallback(step_offset()))
+    if "tensorboard" in training_args.report_to and pipeline_stage() and trainer.is_world_process_zero():
+        write_flags_text(os.path.join(training_args.output_dir, "runs"), pipeline_stage(), sys.argv[1:], step_offset())
     trainer.checkpoint_records[RECORD_NAME] = mixture_record  # checked when a checkpoint is resumed
     if start_model is not None:  # --checkpoint_weights trainable: what resuming rebuilds the other weights from
         trainer.checkpoint_records[START_MODEL_RECORD] = start_model

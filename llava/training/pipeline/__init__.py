@@ -3,5 +3,6 @@
 
 The file and its command-line overrides, read into stages (`spec`); digests of what decides a stage's result
 (`digests`); the manifest (`manifest`); what each stage does on this run, checked against the manifest (`plan`); the
-plan printed without loading weights (`dry_run`); the stages run one subprocess each (`runner`).
+plan printed without loading weights (`dry_run`); the pipeline's own flags (`arguments`); the checks that need
+transformers, run in a process of their own (`check`); the stages run one subprocess each (`runner`).
 """

@@ -3,8 +3,10 @@ stage, then run the stages in order, one `python -m llava.train` process each, r
 
 Why a process per stage: each stage's memory (model, optimizer states, allocator caches, dataloader workers) is
 surely returned before the next loads, and a stage is exactly the command a single run would be. The pipeline
-process itself loads no weights; under a multi-GPU launcher each stage's process group is the launcher's
-(`--launcher "torchrun --nproc_per_node 8"`), so the pipeline runs once, not once per GPU.
+process itself loads no weights and, started from the command line, no torch either: the checks that need
+transformers run in a process of their own first (`check`), so the pipeline's peak is its largest stage's plus
+~60 MB. Under a multi-GPU launcher each stage's process group is the launcher's (`--launcher "torchrun
+--nproc_per_node 8"`), so the pipeline runs once, not once per GPU.
 """
 
 from __future__ import annotations
@@ -16,73 +18,43 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
-
-from transformers import HfArgumentParser
-from transformers.trainer import TRAINER_STATE_NAME
+import tempfile
 
 from llava.data.mixture import RECORD_NAME, read_mixture
-from llava.data.types import ConfigurationError, DataError
-from llava.training.parsing import RUN_DATACLASSES, parse_args
+from llava.data.types import ConfigurationError
+from llava.training.pipeline.arguments import FLAG_NAMES_ENV, PipelineArguments, parse_pipeline_arguments
 from llava.training.pipeline.digests import model_digest
-from llava.training.pipeline.dry_run import describe_plan
 from llava.training.pipeline.manifest import new_manifest, read_manifest, write_manifest
 from llava.training.pipeline.plan import (SKIP, StagePlan, check_selection, current_record, final_output_ready, plan,
                                              start_path)
 from llava.training.pipeline.spec import Pipeline, read_pipeline, stage_argv
 from llava.training.run_lock import run_lock
-from llava.training.step_axis import STEP_OFFSET_ENV, write_flags_text
+from llava.training.step_axis import STAGE_ENV, STEP_OFFSET_ENV
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class PipelineArguments:
-    """The flags of a pipeline run, beside the training flags that override its `defaults`."""
-
-    stages: str | None = field(
-        default=None, metadata={"help": "Comma-separated names of the stages to run (default: all). A stage whose "
-                                        "start stage is neither done nor selected is refused."})
-    dry_run: bool = field(
-        default=False, metadata={"help": "Print the plan (per stage: start model, trainable parameters and learning "
-                                         "rate per component, the data mixture, steps, output folder, what this "
-                                         "run would do) and exit; loads no weights and writes nothing."})
-    restart_from: str | None = field(
-        default=None, metadata={"help": "Retrain this stage and every later one: their folders and records are "
-                                        "deleted first (needed after their flags, data or start model changed)."})
-    launcher: str | None = field(
-        default=None, metadata={"help": "The command that starts each stage's process, before `-m llava.train`, "
-                                        "e.g. 'torchrun --nproc_per_node 8' (default: this Python)."})
+TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer's, without importing it
 
 
 def run_pipeline(argv: list[str]) -> int:
     """Run (or with --dry_run, describe) the pipeline of file `argv[0]`; the exit status of the first stage that
-    fails, else 0."""
+    fails (or of the checks' process), else 0."""
     path = argv[0]
-    parser = HfArgumentParser(PipelineArguments)
-    parser.prog = f"train_llava.py {path}"
-    options, overrides = parser.parse_args_into_dataclasses(args=argv[1:], return_remaining_strings=True)
+    options, overrides = parse_pipeline_arguments(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigurationError(
             f"{path} is a pipeline: start it as one process, and say how each stage starts its processes with "
             "--launcher, e.g. `python train_llava.py pipeline.yaml --launcher 'torchrun --nproc_per_node 8'`.")
-    known = {action.dest for action in HfArgumentParser(RUN_DATACLASSES)._actions}
+    known = _checked_flag_names(argv, options, overrides)
+    if not isinstance(known, set):
+        return known  # the checks' process exited with this status, having said why
+    if options.dry_run:
+        return 0
     pipeline = read_pipeline(path, overrides, known)
     selected = check_selection(pipeline, options.stages, options.restart_from)
-    mixtures = {}
-    for stage in pipeline.stages:  # every stage, so a broken later one stops the run before the first trains
-        where = f"{pipeline.path}: stage {stage.name}"
-        try:
-            args = parse_args(stage_argv(stage, start_path(pipeline, stage)))
-            mixtures[stage.name] = read_mixture(args.data.data_path, args.data.image_folder)
-        except ConfigurationError as error:
-            raise ConfigurationError(f"{where}: {error}") from None
-        except DataError as error:
-            raise DataError(f"{where}: {error}", kind=error.kind) from None
-    if options.dry_run:
-        plans = plan(pipeline, read_manifest(pipeline.output_dir), mixtures, selected, options.restart_from)
-        print(describe_plan(pipeline, plans, mixtures, read_manifest(pipeline.output_dir)))
-        return 0
+    # Checked above (the stage's flags parse, its files exist); read again here from the same flags.
+    mixtures = {stage.name: read_mixture(stage.flags["data_path"], stage.flags.get("image_folder"))
+                for stage in pipeline.stages}
     with run_lock(pipeline.output_dir):
         manifest = read_manifest(pipeline.output_dir)
         plans = plan(pipeline, manifest, mixtures, selected, options.restart_from)
@@ -97,6 +69,24 @@ def run_pipeline(argv: list[str]) -> int:
                              stage_plan.stage.name, status)
                 return status
     return 0
+
+
+def _checked_flag_names(argv: list[str], options: PipelineArguments, overrides: list[str]) -> set[str] | int:
+    """Run `check.check_pipeline`: here when this process holds torch already (called from Python: its errors are
+    raised), else in a child process (the command line: this process stays small); the training flags' names, or
+    the child's exit status when it failed."""
+    if "torch" in sys.modules:
+        from llava.training.pipeline.check import check_pipeline
+
+        return check_pipeline(argv[0], options, overrides)
+    with tempfile.TemporaryDirectory() as folder:
+        names_file = os.path.join(folder, "flag_names.json")
+        status = subprocess.run([sys.executable, "-m", "llava.train", *argv],
+                                env={**os.environ, FLAG_NAMES_ENV: names_file}).returncode
+        if status:
+            return status
+        with open(names_file, encoding="utf-8") as f:
+            return set(json.load(f))
 
 
 def _clear_from(pipeline: Pipeline, manifest: dict, restart_from: str) -> None:
@@ -131,9 +121,8 @@ def _run_stage(pipeline: Pipeline, stage_plan: StagePlan, manifest: dict, mixtur
     if not final_output_ready(stage.output_dir):
         logger.info("Stage %s (%s): %s", stage.name, stage_plan.action, shlex.join(["-m", "llava.train", *argv]))
         os.makedirs(stage.output_dir, exist_ok=True)
-        write_flags_text(os.path.join(stage.output_dir, "runs"), stage.name, argv, offset)
         env = {**os.environ, "TENSORBOARD_LOGGING_DIR": os.path.join(stage.output_dir, "runs"),
-               STEP_OFFSET_ENV: str(offset)}
+               STEP_OFFSET_ENV: str(offset), STAGE_ENV: stage.name}
         status = subprocess.run([*launcher, "-m", "llava.train", *argv], env=env).returncode
         if status:
             return status

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from llava.data.types import ConfigurationError
 
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")  # of config files: one run's flags, or a pipeline
 PIPELINE_KEYS = ("defaults", "stages")
 STAGE_KEYS = ("name", "from")
 START_FLAGS = ("model_name_or_path", "vision_model_name_or_path", "language_model_name_or_path")
