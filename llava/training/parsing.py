@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
         if parsed.lora.lora_enable:
             check_lora(parsed.lora, parsed.training)
         check_quantization(parsed.model, parsed.lora, parsed.training)
+        check_model_paths(parsed.model)
     except ConfigurationError:
         raise
     except ValueError as error:
@@ -107,6 +108,21 @@ def load_in_deepspeed_precision(model_args: ModelArguments, training_args: Llava
         model_args.dtype = "bfloat16" if training_args.bf16 else "float16"
         logger.info("--deepspeed with --%s True: loading the weights in %s (DeepSpeed keeps the fp32 master "
                     "weights in its optimizer).", "bf16" if training_args.bf16 else "fp16", model_args.dtype)
+
+
+def _is_local_path(name: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (absolute, ./, ~, more than one /) can only be a folder."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def check_model_paths(model_args: ModelArguments) -> None:
+    """Refuse a model flag naming a folder that does not exist, before anything loads (transformers would try it
+    as a hub id and fail with a long OSError)."""
+    for flag in ("model_name_or_path", "vision_model_name_or_path", "language_model_name_or_path"):
+        value = getattr(model_args, flag)
+        if value and _is_local_path(value) and not os.path.isdir(os.path.expanduser(value)):
+            raise ConfigurationError(f"--{flag} {value}: no such folder. Pass the folder of a saved model (one with "
+                                     "config.json) or a hub id such as openai/clip-vit-large-patch14-336.")
 
 
 def check_quantization(model_args: ModelArguments, lora_args: LoraArguments,

@@ -41,6 +41,17 @@ def test_conflicting_flags_fail_with_the_fix(argv, message):
         parse_args(argv)
 
 
+@pytest.mark.parametrize("flag", ["--vision_model_name_or_path", "--language_model_name_or_path"])
+@pytest.mark.parametrize("missing", ["/no/such/tower", "./gone", "out/demo/never_trained"])
+def test_a_missing_model_folder_is_refused_at_parsing(tmp_path, flag, missing):
+    parts = dict(zip(PARTS[::2], PARTS[1::2]), **{flag: missing})
+    with pytest.raises(ValueError, match=f"--{flag[2:]} {missing}: no such folder"):
+        parse_args([text for pair in parts.items() for text in pair] + DATA)
+    parts[flag] = str(tmp_path)  # an existing folder, and hub ids ("V", "org/name"), parse
+    parse_args([text for pair in parts.items() for text in pair] + DATA)
+    parse_args(PARTS[:1] + ["openai/clip-vit-large-patch14-336"] + PARTS[2:] + DATA)
+
+
 def test_unknown_choice_is_refused():
     with pytest.raises(SystemExit):
         parse_args(PARTS + DATA + ["--vision_feature_select_strategy", "cls"])
