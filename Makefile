@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 # (CPU build) where one lies there, else from PyPI (CUDA build on Linux x86-64: right for a GPU box).
 TORCH_REQUIREMENT ?= torch==2.13.0
 
-.PHONY: install install-demo install-bench test test-slow demo demo-full bench bench-quick gpu-wheels lmms-eval lmms-eval-env
+.PHONY: install install-demo install-bench test test-slow demo demo-full bench bench-quick gpu-wheels lmms-eval lmms-eval-env lmms-eval-env-unlocked
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_REQUIREMENT)"
@@ -60,14 +60,18 @@ LMMS_EVAL_REQUIREMENTS := loguru==0.7.3 tenacity==9.2.1 sacrebleu==2.6.0 evaluat
 LMMS_EVAL_DATA ?= data/easy_vqa/test.json
 LMMS_EVAL_ARGS ?=
 
+# One build at a time (flock where there is one): two test runs may start together.
 lmms-eval-env:
+	@$$(command -v flock >/dev/null && echo flock $(LMMS_EVAL_VENV).lock) $(MAKE) -s --no-print-directory lmms-eval-env-unlocked
+
+lmms-eval-env-unlocked:
 	@if [ "$$(cat $(LMMS_EVAL_VENV)/requirements.txt 2>/dev/null)" != '$(LMMS_EVAL) $(LMMS_EVAL_REQUIREMENTS)' ]; then \
 	  set -e; rm -rf $(LMMS_EVAL_VENV); $(PYTHON) -m venv $(LMMS_EVAL_VENV); \
-	  $(PYTHON) -c "import site, sysconfig; paths = dict.fromkeys(sysconfig.get_path(k) for k in ('purelib', 'platlib')); print('import site; ' + '; '.join(f'site.addsitedir({p!r})' for p in paths))" \
+	  $(PYTHON) -c "import site; dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else []); print('import site; ' + '; '.join(f'site.addsitedir({d!r})' for d in dirs))" \
 	    > "$$($(LMMS_EVAL_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/parent_environment.pth"; \
 	  $(LMMS_EVAL_VENV)/bin/python -m pip install -q --no-deps $(LMMS_EVAL); \
 	  $(LMMS_EVAL_VENV)/bin/python -m pip install -q --no-warn-conflicts $(LMMS_EVAL_REQUIREMENTS); \
-	  $(LMMS_EVAL_VENV)/bin/python -c "import lmms_eval.models.chat.llava_hf"; \
+	  $(LMMS_EVAL_VENV)/bin/python -c "import lmms_eval.models.chat.llava_hf, torch, transformers"; \
 	  echo '$(LMMS_EVAL) $(LMMS_EVAL_REQUIREMENTS)' > $(LMMS_EVAL_VENV)/requirements.txt; \
 	fi
 
