@@ -10,9 +10,9 @@ the task in `configs/lmms_eval/easy_vqa/` (pointed at `--data_path` through a on
 lmms-eval exits 0 when the model fails to load (it logs the error and writes no samples) and when every answer
 failed (each failed generation is logged and scored as an empty answer). Here a run with no samples file, or whose
 every sample failed (no generated tokens recorded), exits 1. The last stdout line is one JSON object: lmms-eval's
-accuracy (`exact_match`) overall and per answer type, the sample and failure counts, and where its files are;
-`--output_file` writes one JSON line per sample (id, answer_type, reference, prediction, correct, failed), in
-`llava.evaluate --output_file`'s form.
+accuracy (`exact_match`) overall and per answer type, the sample and failure counts (and, with `--output_dir`, where
+lmms-eval's files are); `--output_file` writes one JSON line per sample (id, answer_type, reference, prediction,
+correct, failed), in `llava.evaluate --output_file`'s form.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class LmmsEvalArguments:
                                                     "choices": ["float32", "bfloat16", "float16", "auto"]})
     limit: int | None = field(default=None, metadata={"help": "Score the first N questions only (lmms-eval's --limit)."})
     output_dir: str | None = field(default=None, metadata={
-        "help": "Keep the task file and lmms-eval's results and samples here (default: a temporary folder)."})
+        "help": "Keep the task file and lmms-eval's results and samples here (default: a temporary folder, removed "
+                "after)."})
     output_file: str | None = field(default=None, metadata={
         "help": "Write one JSON line per sample: id, answer_type, reference, prediction, correct, failed."})
 
@@ -123,24 +124,16 @@ def collect(output_path: str, records: list[dict]) -> tuple[list[dict], dict]:
     return rows, metrics
 
 
-def summary(rows: list[dict], metrics: dict, output_path: str) -> dict:
-    result = {"accuracy": round(metrics["exact_match,none"], 4), "num_samples": len(rows),
-              "accuracy_by_type": {kind: round(metrics[f"{name},none"], 4) for kind, name in sorted(TYPE_METRICS.items())
-                                   if isinstance(metrics.get(f"{name},none"), (int, float))},
-              "num_failed": sum(row["failed"] for row in rows), "lmms_eval_output": output_path}
-    return result
+def summary(rows: list[dict], metrics: dict) -> dict:
+    """lmms-eval's accuracy overall and per answer type, with the sample and failure counts."""
+    return {"accuracy": round(metrics["exact_match,none"], 4), "num_samples": len(rows),
+            "accuracy_by_type": {kind: round(metrics[f"{name},none"], 4) for kind, name in sorted(TYPE_METRICS.items())
+                                 if isinstance(metrics.get(f"{name},none"), (int, float))},
+            "num_failed": sum(row["failed"] for row in rows)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    (args,) = parse_flags((LmmsEvalArguments,), argv)
-    if not os.path.isfile(args.lmms_eval_python):
-        print(f"error: no lmms-eval environment at {args.lmms_eval_python}: `make lmms-eval-env` builds it",
-              file=sys.stderr)
-        return 2
-    if not os.path.isfile(os.path.join(TASK_DIR, TASK_FILE)):
-        print(f"error: the lmms-eval task is not at {TASK_DIR} (run from a train_llava checkout)", file=sys.stderr)
-        return 2
-    work = args.output_dir or tempfile.mkdtemp(prefix="lmms_eval_")
+def score(args: LmmsEvalArguments, work: str) -> int:
+    """Run lmms-eval with its files under `work`, report, and return the exit status (see the module docstring)."""
     include_path = write_task(os.path.join(work, "task"), args.data_path)
     output_path = os.path.abspath(os.path.join(work, "lmms_eval"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -159,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_file:
         with open(args.output_file, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-    result = summary(rows, metrics, output_path)
+    result = summary(rows, metrics)
+    if args.output_dir:
+        result["lmms_eval_output"] = output_path
     print(json.dumps(result))
     if result["num_failed"] == len(rows):
         print(f"error: lmms-eval answered none of the {len(rows)} samples (its log above says why); it exited 0 "
@@ -169,6 +164,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: lmms-eval failed on {result['num_failed']} of {len(rows)} samples (scored as wrong)",
               file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_flags((LmmsEvalArguments,), argv)
+    if not os.path.isfile(args.lmms_eval_python):
+        print(f"error: no lmms-eval environment at {args.lmms_eval_python}: `make lmms-eval-env` builds it",
+              file=sys.stderr)
+        return 2
+    if not os.path.isfile(os.path.join(TASK_DIR, TASK_FILE)):
+        print(f"error: the lmms-eval task is not at {TASK_DIR} (run from a train_llava checkout)", file=sys.stderr)
+        return 2
+    if args.output_dir:
+        return score(args, args.output_dir)
+    with tempfile.TemporaryDirectory(prefix="lmms_eval_") as work:
+        return score(args, work)
 
 
 if __name__ == "__main__":
