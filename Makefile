@@ -47,7 +47,7 @@ gpu-wheels:
 
 # lmms-eval scores a checkpoint offline on the demo's test questions (configs/lmms_eval/easy_vqa), from its own
 # environment, built once and kept in $(LMMS_EVAL_VENV) (rebuilt when the requirements below change):
-#   make lmms-eval CHECKPOINT=output/demo/look [LMMS_EVAL_DATA=data/easy_vqa/test.json] [LMMS_EVAL_ARGS="--limit 100"]
+#   make lmms-eval CHECKPOINT=output/demo/pipeline/look [LMMS_EVAL_DATA=data/easy_vqa/test.json] [LMMS_EVAL_ARGS="--limit 100"]
 # The environment reuses torch, transformers, datasets, accelerate (and torchvision where there is one) of the
 # environment $(PYTHON) runs in, through a .pth file, so lmms-eval answers with the very libraries llava.evaluate
 # uses. lmms-eval itself comes without its dependencies (they pull a CUDA torchvision, which fails to import beside
