@@ -17,6 +17,9 @@ from PIL import Image, ImageOps
 IMAGE_FOLDER_VARIABLE = "LLAVA_LMMS_EVAL_IMAGE_FOLDER"
 # Accuracy per answer type (a sample's `answer_type` field), beside `exact_match` over all samples.
 TYPE_METRICS = {"yes/no": "yes_no_accuracy", "colour": "colour_accuracy", "shape": "shape_accuracy"}
+# LLaVA JSON's roles as chat templates name them, and its image placeholder.
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE = "<image>"
 
 
 def normalize(answer: str) -> str:
@@ -31,10 +34,6 @@ def _image_folder() -> str:
     import easy_vqa  # the demo's data; only needed when no folder is given
 
     return os.path.join(os.path.dirname(os.path.abspath(easy_vqa.__file__)), "data")
-
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-IMAGE = "<image>"
 
 
 def _turns(doc: dict) -> list[tuple[str, str]]:
