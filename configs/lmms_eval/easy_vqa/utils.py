@@ -2,9 +2,9 @@
 score `python -m llava.evaluate` gives its answer.
 
 Runs inside lmms-eval's environment, which need not hold train_llava: `normalize` repeats
-`llava.model.evaluation.normalize` (tests/test_lmms_eval.py checks that the two agree). Image paths are relative to
-the folder named by $LLAVA_LMMS_EVAL_IMAGE_FOLDER, else to the installed easy_vqa package's data folder (where
-`python -m llava.demo.easy_vqa` points its --image_folder).
+`llava.model.evaluation.normalize` (tests/test_lmms_eval_score.py checks that the two agree). Image paths are
+relative to the folder named by $LLAVA_LMMS_EVAL_IMAGE_FOLDER, else to the installed easy_vqa package's data folder
+(where `python -m llava.demo.easy_vqa` points its --image_folder).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def doc_to_messages(doc: dict, lmms_eval_specific_kwargs: dict | None = None) ->
 
     A train_llava checkpoint's saved chat template writes an image part back as `<image>\n` (see
     `llava.model.processor`), so the processor renders the text training rendered, and the prompt token ids equal
-    `llava.evaluate`'s (tests/test_lmms_eval.py checks this).
+    `llava.evaluate`'s (tests/test_lmms_eval_score.py checks this).
     """
     images = iter(doc_to_visual(doc))
     messages = []
