@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 # (CPU build) where one lies there, else from PyPI (CUDA build on Linux x86-64: right for a GPU box).
 TORCH_REQUIREMENT ?= torch==2.13.0
 
-.PHONY: install install-demo install-bench test test-slow demo demo-full bench bench-quick gpu-wheels
+.PHONY: install install-demo install-bench test test-slow demo demo-full bench bench-quick gpu-wheels lmms-eval lmms-eval-env lmms-eval-env-unlocked
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_REQUIREMENT)"
@@ -44,3 +44,38 @@ bench-quick: install-demo install-bench
 # The wheels bench/gpu_check.py installs on the lent GPU machine, which has no network (.whl/, ignored, ~27 MB).
 gpu-wheels:
 	$(PYTHON) bench/gpu_wheels.py
+
+# lmms-eval scores a checkpoint offline on the demo's test questions (configs/lmms_eval/easy_vqa), from its own
+# environment, built once and kept in $(LMMS_EVAL_VENV) (rebuilt when the requirements below change):
+#   make lmms-eval CHECKPOINT=output/demo/pipeline/look [LMMS_EVAL_DATA=data/easy_vqa/test.json] [LMMS_EVAL_ARGS="--limit 100"]
+# The environment reuses torch, transformers, datasets, accelerate (and torchvision where there is one) of the
+# environment $(PYTHON) runs in, through a .pth file, so lmms-eval answers with the very libraries llava.evaluate
+# uses. lmms-eval itself comes without its dependencies (they pull a CUDA torchvision, which fails to import beside
+# a CPU torch, and wandb, spaCy, OpenCV ... that llava_hf never uses); instead: what its command imports, decord
+# (imported by llava_hf.py, in no extra) and filelock<4. device_map/device are set by llava.lmms_eval_score.
+LMMS_EVAL_VENV ?= .venv-lmms-eval
+LMMS_EVAL := lmms-eval==0.7.3
+LMMS_EVAL_REQUIREMENTS := loguru==0.7.3 tenacity==9.2.1 sacrebleu==2.6.0 evaluate==0.4.6 pytz==2026.6 \
+	pytablewriter==1.2.1 decord==0.6.0 "filelock<4"
+LMMS_EVAL_DATA ?= data/easy_vqa/test.json
+LMMS_EVAL_ARGS ?=
+
+# One build at a time (flock where there is one): two test runs may start together.
+lmms-eval-env:
+	@$$(command -v flock >/dev/null && echo flock $(LMMS_EVAL_VENV).lock) $(MAKE) -s --no-print-directory lmms-eval-env-unlocked
+
+lmms-eval-env-unlocked:
+	@if [ "$$(cat $(LMMS_EVAL_VENV)/requirements.txt 2>/dev/null)" != '$(LMMS_EVAL) $(LMMS_EVAL_REQUIREMENTS)' ]; then \
+	  set -e; rm -rf $(LMMS_EVAL_VENV); $(PYTHON) -m venv $(LMMS_EVAL_VENV); \
+	  $(PYTHON) -c "import site; dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else []); print('import site; ' + '; '.join(f'site.addsitedir({d!r})' for d in dirs))" \
+	    > "$$($(LMMS_EVAL_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/parent_environment.pth"; \
+	  $(LMMS_EVAL_VENV)/bin/python -m pip install -q --no-deps $(LMMS_EVAL); \
+	  $(LMMS_EVAL_VENV)/bin/python -m pip install -q --no-warn-conflicts $(LMMS_EVAL_REQUIREMENTS); \
+	  $(LMMS_EVAL_VENV)/bin/python -c "import lmms_eval.models.chat.llava_hf, torch, transformers"; \
+	  echo '$(LMMS_EVAL) $(LMMS_EVAL_REQUIREMENTS)' > $(LMMS_EVAL_VENV)/requirements.txt; \
+	fi
+
+lmms-eval: lmms-eval-env
+	@test -n "$(CHECKPOINT)" || { echo "usage: make lmms-eval CHECKPOINT=<checkpoint folder> [LMMS_EVAL_DATA=$(LMMS_EVAL_DATA)]"; exit 2; }
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m llava.lmms_eval_score --model_name_or_path "$(CHECKPOINT)" \
+	  --data_path "$(LMMS_EVAL_DATA)" --lmms_eval_python $(LMMS_EVAL_VENV)/bin/python $(LMMS_EVAL_ARGS)

@@ -17,6 +17,7 @@ EXPECTED_FLAG = {
     "llava.train": "--freeze_language_model",
     "llava.generate": "--prompt",
     "llava.evaluate": "--data_path",
+    "llava.lmms_eval_score": "--lmms_eval_python",
     "llava.inspect_data": "--num_samples",
     "llava.validate_data": "--num_workers",
     "llava.merge_lora": "--base_model_name_or_path",
