@@ -19,7 +19,7 @@ from llava.data.encoder import ConversationEncoder
 from llava.data.mixture import read_mixture
 from llava.data.records import load_samples
 from llava.data.types import IGNORE_INDEX
-from llava.model.processor import image_token_count
+from llava.model.processor import image_tokens
 from llava.reporting import run_command
 from llava.training.arguments import DataSourceArguments, ProcessorArguments
 from llava.training.build import processor_for
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       argv)
     mixture = read_mixture(data_args.data_path, data_args.image_folder)
     processor = processor_for(model_args)
-    encoder = ConversationEncoder(processor, data_args.model_max_length, image_token_count(processor))
+    encoder = ConversationEncoder(processor, data_args.model_max_length, image_tokens(processor))
     samples = load_samples(mixture.paths)[: inspect_args.num_samples]
     if not inspect_args.json:
         print(f"Trained tokens are between {TRAIN_OPEN} and {TRAIN_CLOSE}; everything else has label -100.\n")

@@ -14,7 +14,7 @@ from llava.data.mixture import Mixture, mixture_table, select
 from llava.data.packing import planned_batches
 from llava.model.components import parameter_table
 from llava.model.modeling import LlavaForConditionalGeneration
-from llava.model.processor import image_token_count, tower_config
+from llava.model.processor import image_token_count, image_tokens, tower_config
 from llava.training.build import processor_for, trainable_model
 from llava.training.checkpoints import latest_complete_checkpoint
 from llava.training.parsing import RunArguments, parse_args
@@ -92,7 +92,7 @@ def parameter_rows(model: LlavaForConditionalGeneration, args: RunArguments) -> 
 def _data_and_steps(args: RunArguments, mixture: Mixture, processor) -> str:
     """The mixture table of the stage's selection, and how many optimizer steps it trains (on one process)."""
     training = args.training
-    dataset = checked_dataset(args.data, mixture, processor, image_token_count(processor))
+    dataset = checked_dataset(args.data, mixture, processor, image_tokens(processor))
     selection = select(mixture, dataset.samples, data_seed(training))
     items, _ = planned_batches(dataset.select(selection.indices), processor.tokenizer.pad_token_id,
                                args.data.model_max_length, training.packing, training.max_tokens_per_batch,
