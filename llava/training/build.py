@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import LlavaNextProcessor, ProcessorMixin
 
+from llava.data.types import ConfigurationError
 from llava.model.building import as_llava_next, assemble_llava, load_llava
 from llava.model.components import set_trainable
 from llava.model.hub_format import save_processor
@@ -37,6 +38,27 @@ def processor_for(args: ProcessorArguments) -> ProcessorMixin:
         vision_feature_layer=args.vision_feature_layer,
         vision_feature_select_strategy=args.vision_feature_select_strategy, trust_remote_code=args.trust_remote_code,
         architecture=args.architecture or "llava", image_grid_pinpoints=args.grid_pinpoints)
+
+
+def check_architecture_flags(processor: ProcessorMixin, lora_args: LoraArguments,
+                             training_args: LlavaTrainingArguments) -> None:
+    """Refuse what LLaVA-NeXT models do not support yet, before any weights load.
+
+    Why each: LoRA keeps fully trained parts as peft `modules_to_save`, modules only, so `image_newline` (a bare
+    tensor) would neither train with the projector nor reach the adapter checkpoints. `--checkpoint_weights
+    trainable` resumes by rebuilding the frozen weights from the start model, which for a llava_next model made from
+    a llava checkpoint lacks the newline it was given (a new random one would replace it).
+    """
+    if not isinstance(processor, LlavaNextProcessor):
+        return
+    if lora_args.lora_enable:
+        raise ConfigurationError("--lora_enable True is not supported with --architecture llava_next (LoRA would not "
+                                 "train or save LLaVA-NeXT's image_newline with the projector): train it in full "
+                                 "(the --freeze_* flags say what trains), or use --architecture llava.")
+    if training_args.checkpoint_weights == "trainable":
+        raise ConfigurationError("--checkpoint_weights trainable is not supported with --architecture llava_next (a "
+                                 "resume would rebuild LLaVA-NeXT's image_newline from a start model that may not "
+                                 "have it): use --checkpoint_weights full.")
 
 
 def base_model_for(args: ModelArguments, processor: ProcessorMixin) -> LlavaTraining:

@@ -24,7 +24,7 @@ from llava.model.building import check_exact_packing
 from llava.model.final_output import finish_interrupted_publish
 from llava.model.lora import ADAPTER_SUBFOLDER
 from llava.model.processor import image_tokens
-from llava.training.build import model_for_training, processor_for
+from llava.training.build import check_architecture_flags, model_for_training, processor_for
 from llava.training.callbacks import SampleAnswersCallback
 from llava.training.checkpoints import resolve_resume_checkpoint
 from llava.training.distributed import decided_by_main_process
@@ -48,6 +48,7 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
 
     # Data is checked with the processor alone, before any weights load: a bad sample costs seconds, not a 7B load.
     processor = processor_for(model_args)
+    check_architecture_flags(processor, lora_args, training_args)
     tokens = image_tokens(processor)
     # Each node's local rank 0 checks and tokenizes (or reads the cache); the node's other processes then read its
     # cache. The mixture's amounts are applied after (the cache serves every amount); the report is printed once.

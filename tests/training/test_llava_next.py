@@ -1,0 +1,227 @@
+"""LLaVA-NeXT end to end: stage 1 then stage 2 through `train_llava.py` on images of many sizes, a llava_next stage 2
+from a `llava` stage-1 output, outputs that plain transformers 5.x and 4.57 load with equal logits, the training
+speed paths that stay exact, and the combinations that are refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from llava.data.collator import LlavaDataCollator, PackingCollator
+from llava.data.packing import pack_rows
+from llava.data.types import ConfigurationError, DataError
+from llava.model.processor import image_tokens
+from llava.model.components import components, set_trainable
+from llava.train import main
+from llava.training.arguments import ModelArguments
+from llava.training.build import base_model_for, processor_for
+from tests.helpers.outputs import REPO
+from tests.helpers.portable import run_consumer, tensor_names
+from tests.helpers.portable_consumer import consume
+from tests.helpers.tiny_parts import dataset_from, prepared, qa
+
+TRAIN = ["--per_device_train_batch_size", "2", "--logging_steps", "1", "--max_steps", "3", "--save_strategy", "no",
+         "--learning_rate", "1e-2", "--report_to", "none", "--seed", "0"]
+# (width, height) of the training images: square, wide, tall, extreme, larger than every grid resolution.
+SIZES = [(32, 32), (100, 30), (30, 90), (200, 40), (41, 37), (150, 140)]
+QUESTION = "What colour is it?"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """(data path, image folder) of single- and two-image samples over images of `SIZES`, and a text-only one."""
+    root = tmp_path_factory.mktemp("anyres_data")
+    images = root / "images"
+    images.mkdir()
+    for i, size in enumerate(SIZES):
+        Image.new("RGB", size, (40 * i, 255 - 40 * i, 90)).save(images / f"s{i}.png")
+    records = [qa(f"one{i}", f"s{i}.png", answer=f"Colour {i}.") for i in range(len(SIZES))]
+    records.append(qa("two", ["s1.png", "s2.png"], question="<image>\n<image>\nSame?", answer="No."))
+    records.append(qa("text", None, question="Two plus two?", answer="Four."))
+    path = root / "data.json"
+    path.write_text(json.dumps(records))
+    return str(path), str(images)
+
+
+def train_cli(*flags) -> None:
+    """`python train_llava.py FLAGS` in a process of its own, as a user runs it."""
+    result = subprocess.run([sys.executable, "train_llava.py", *flags], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def outputs(parts, data, tmp_path_factory):
+    """A llava_next stage 1 (new model) and stage 2 from it, through the CLI; a llava_next stage 2 from a llava
+    stage 1 (in process)."""
+    root = tmp_path_factory.mktemp("anyres_runs")
+    data_flags = ["--data_path", data[0], "--image_folder", data[1], *TRAIN]
+    stage1, stage2, from_llava = str(root / "stage1"), str(root / "stage2"), str(root / "from_llava")
+    train_cli("--architecture", "llava_next", "--vision_model_name_or_path", parts["vision"],
+              "--language_model_name_or_path", parts["lm"], "--freeze_language_model", "True",
+              "--output_dir", stage1, *data_flags)
+    train_cli("--model_name_or_path", stage1, "--freeze_language_model", "False", "--output_dir", stage2, *data_flags)
+    llava_stage1 = str(root / "llava_stage1")
+    main(["--vision_model_name_or_path", parts["vision"], "--language_model_name_or_path", parts["lm"],
+          "--freeze_language_model", "True", "--output_dir", llava_stage1, *data_flags])
+    main(["--model_name_or_path", llava_stage1, "--architecture", "llava_next", "--freeze_language_model", "False",
+          "--output_dir", from_llava, *data_flags])
+    return {"stage1": stage1, "stage2": stage2, "from_llava": from_llava, "llava_stage1": llava_stage1}
+
+
+def test_outputs_are_llava_next_checkpoints_in_the_llava_hf_layout(outputs):
+    for kind in ("stage1", "stage2", "from_llava"):
+        config = json.loads(open(os.path.join(outputs[kind], "config.json")).read())
+        assert config["model_type"] == "llava_next" and config["architectures"] == ["LlavaNextForConditionalGeneration"]
+        names = tensor_names(outputs[kind])
+        assert "image_newline" in names and not any(name.startswith("model.") for name in names), kind
+
+
+def test_stage_2_from_llava_keeps_its_projector(outputs):
+    """The llava stage 1's projector went into the llava_next model (then stage 2 trained it on)."""
+    llava = transformers.LlavaForConditionalGeneration.from_pretrained(outputs["llava_stage1"])
+    next_model = transformers.LlavaNextForConditionalGeneration.from_pretrained(outputs["from_llava"])
+    assert torch.equal(llava.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"],
+                       next_model.model.vision_tower.state_dict()["embeddings.patch_embedding.weight"])
+    before = llava.model.multi_modal_projector.linear_1.weight
+    after = next_model.model.multi_modal_projector.linear_1.weight
+    assert not torch.equal(before, after) and (before - after).abs().max() < 0.2  # trained on, not replaced
+
+
+def test_plain_transformers_5_loads_and_generates(outputs, data):
+    image = Image.open(os.path.join(data[1], "s1.png")).convert("RGB")
+    for kind in ("stage2", "from_llava"):
+        model, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(outputs[kind],
+                                                                                     output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], kind
+        processor = transformers.AutoProcessor.from_pretrained(outputs[kind])
+        assert type(processor).__name__ == "LlavaNextProcessor"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=prompt, images=[image], return_tensors="pt")
+        generated = model.generate(**inputs, min_new_tokens=3, max_new_tokens=3, do_sample=False)
+        assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_transformers_4_57_gives_the_same_logits(outputs, data, tmp_path):
+    folders = [outputs["stage2"], outputs["from_llava"]]
+    image = os.path.join(data[1], "s1.png")  # 100 x 30: a 1x3 grid, unpadded
+    theirs = run_consumer({"folders": folders, "image": image, "question": QUESTION}, tmp_path)
+    for folder in folders:
+        ours = consume(folder, Image.open(image).convert("RGB"), QUESTION)
+        assert theirs[folder]["missing"] == theirs[folder]["unexpected"] == [], folder
+        assert torch.equal(theirs[folder]["input_ids"], ours["input_ids"]), folder
+        torch.testing.assert_close(theirs[folder]["logits"], ours["logits"], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def trainable(outputs):
+    """(model, processor) of the llava_next stage 2 output with every part trainable, in train mode."""
+    args = ModelArguments(model_name_or_path=outputs["stage2"])
+    processor = processor_for(args)
+    model = base_model_for(args, processor)
+    set_trainable(model, vision_tower=True, projector=True, language_model=True)
+    return model.train(), processor
+
+
+def test_image_newline_trains_with_the_projector(trainable):
+    model, _ = trainable
+    projector = list(components(model)["projector"].parameters())
+    assert any(p is model.model.image_newline for p in projector)
+    set_trainable(model, vision_tower=True, projector=False, language_model=True)
+    assert not model.model.image_newline.requires_grad
+    set_trainable(model, vision_tower=True, projector=True, language_model=True)
+
+
+def loss_and_grads(model, batch, num_items):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch, num_items_in_batch=num_items).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(model, batch, other, num_items):
+    loss, grads = loss_and_grads(model, batch, num_items)
+    other_loss, other_grads = loss_and_grads(model, other, num_items)
+    torch.testing.assert_close(loss, other_loss, rtol=0, atol=1e-5)
+    assert grads.keys() == other_grads.keys() and "model.image_newline" in grads
+    assert max((grads[n] - other_grads[n]).abs().max().item() for n in grads) <= 1e-5
+
+
+def test_packed_rows_train_as_the_padded_batch(trainable, data):
+    model, processor = trainable
+    dataset = dataset_from([data[0]], processor, 4096, data[1])
+    items = [dataset[i] for i in range(len(dataset))]
+    rows = pack_rows(dataset.lengths, max(dataset.lengths) + 40, seed=0)
+    assert any(len(row) > 1 for row in rows)
+    packed = PackingCollator(processor.tokenizer.pad_token_id)([[items[i] for i in row] for row in rows])
+    padded = LlavaDataCollator(processor.tokenizer.pad_token_id)([items[i] for row in rows for i in row])
+    assert packed["pixel_values"].dim() == 5 and packed["image_sizes"].shape == (len(SIZES) + 2, 2)
+    assert_same(model, packed, padded, padded["labels"][:, 1:].ne(-100).sum())
+
+
+def test_shared_prefix_batches_train_as_per_row_ones(trainable, data, monkeypatch, tmp_path):
+    """Samples that share a system prompt, their images of different grids: the prefix runs once per batch."""
+    model, processor = trainable
+    model.eval()  # no dropout: the shared-prefix path is taken (it is off with active dropout)
+    system = {"from": "system", "value": "You are a careful assistant who looks at every picture closely."}
+    records = [{**qa(f"s{i}", f"s{i}.png"), "conversations": [system, *qa(i)["conversations"]]} for i in range(4)]
+    (tmp_path / "system.json").write_text(json.dumps(records))
+    dataset = dataset_from([str(tmp_path / "system.json")], processor, 4096, data[1])
+    batch = LlavaDataCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    num_items = batch["labels"][:, 1:].ne(-100).sum()
+    assert model._shared_prefix_length(batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1],
+                                       batch["labels"][:, 1:], {}) > 0
+    shared = loss_and_grads(model, batch, num_items)
+    monkeypatch.setattr(type(model), "_shared_prefix_length", lambda *args: 0)
+    per_row = loss_and_grads(model, batch, num_items)
+    model.train()
+    torch.testing.assert_close(shared[0], per_row[0], rtol=0, atol=1e-5)
+    assert max((shared[1][n] - per_row[1][n]).abs().max().item() for n in per_row[1]) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def new_processor(parts):
+    return processor_for(ModelArguments(vision_model_name_or_path=parts["vision"],
+                                        language_model_name_or_path=parts["lm"], architecture="llava_next"))
+
+
+def test_max_length_never_cuts_an_anyres_image(new_processor, data):
+    """The largest image (150 x 140: a 2x2 grid) alone outgrows the limit: refused with its count, or skipped."""
+    tokens = image_tokens(new_processor).count((140, 150))
+    with pytest.raises(DataError, match=rf"id 'one5'\): its images alone take {tokens} tokens"):
+        dataset_from([data[0]], new_processor, tokens - 1, data[1])
+    dataset = dataset_from([data[0]], new_processor, tokens - 1, data[1], skip_invalid=True)
+    assert "one5" not in [sample.id for sample in dataset.samples] and max(dataset.lengths) <= tokens - 1
+    assert dataset.lengths == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
+def test_bad_images_and_placeholders_are_named(new_processor, data, tmp_path):
+    """An image too elongated for the grid, one under a patch, and more placeholders than images: each refused
+    by file and id."""
+    for name, size in (("long.png", (256, 20)), ("tiny.png", (5, 40))):
+        Image.new("RGB", size).save(os.path.join(data[1], name))
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([qa("long", "long.png"), qa("tiny", "tiny.png"),
+                                qa("extra", "s0.png", question="<image>\n<image>\nWhat?"), qa("good", "s0.png")]))
+    problems = prepared([str(path)], new_processor, 4096, data[1]).problems
+    assert [(p.kind, str(p).split(": ")[0]) for p in problems] == [
+        ("image_size_unsupported", f"{path}[0] (id 'long')"), ("image_size_unsupported", f"{path}[1] (id 'tiny')"),
+        ("image_count_mismatch", f"{path}[2] (id 'extra')")]
+    assert "too extreme" in str(problems[0]) and "patch size" in str(problems[1])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_enable", "True"], "--lora_enable"),
+    (["--checkpoint_weights", "trainable"], "--checkpoint_weights trainable"),
+])
+def test_unsupported_combinations_are_refused(parts, data, tmp_path, flags, message):
+    with pytest.raises(ConfigurationError, match=message):
+        main(["--architecture", "llava_next", "--vision_model_name_or_path", parts["vision"],
+              "--language_model_name_or_path", parts["lm"], "--freeze_language_model", "False",
+              "--data_path", data[0], "--image_folder", data[1], "--output_dir", str(tmp_path / "out"), *TRAIN, *flags])
