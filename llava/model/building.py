@@ -12,6 +12,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, BitsAndBytesConfig, L
                           LlavaNextProcessor, LlavaProcessor, PreTrainedModel)
 
 from llava.data.types import IGNORE_INDEX, ConfigurationError
+from llava.model.anyres import AnyresImageTokens
 from llava.model.components import components
 from llava.model.modeling import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaProjector,
                                   LlavaTraining, model_class)
@@ -132,8 +133,8 @@ def as_llava_next(model: LlavaTraining, processor: LlavaNextProcessor) -> LlavaN
         vision_feature_layer=old.vision_feature_layer,
         vision_feature_select_strategy=processor.vision_feature_select_strategy,
         projector_hidden_act=old.projector_hidden_act, multimodal_projector_bias=old.multimodal_projector_bias,
-        tie_word_embeddings=old.tie_word_embeddings, image_seq_length=old.image_seq_length,
-        pad_token_id=old.pad_token_id)
+        tie_word_embeddings=old.tie_word_embeddings, image_seq_length=AnyresImageTokens(processor).tokens_per_image,
+        pad_token_id=getattr(old, "pad_token_id", None))
     with without_zero3_init():
         with torch.device("meta"):
             next_model = LlavaNextForConditionalGeneration(config)

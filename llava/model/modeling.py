@@ -134,7 +134,9 @@ class LlavaTraining:
                 if hasattr(module, "gradient_checkpointing"):
                     module.gradient_checkpointing = False
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, image_sizes=None, **kwargs):
+        if image_sizes is not None:  # LLaVA-NeXT's; named here, where `generate` looks for the inputs it may pass
+            kwargs["image_sizes"] = image_sizes
         if labels is None:
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                    **kwargs)
@@ -285,9 +287,12 @@ class LlavaTraining:
         return embeddings.masked_scatter(mask, features)
 
 
-def model_class(path: str) -> type[LlavaTraining]:
-    """The class of the LLaVA checkpoint at `path`, by its config's `model_type` (llava or llava_next)."""
-    model_type = transformers.AutoConfig.from_pretrained(path).model_type
+def model_class(path_or_config) -> type[LlavaTraining]:
+    """The class of the LLaVA checkpoint at `path_or_config` (or of its config), by `model_type`: llava or
+    llava_next."""
+    config = transformers.AutoConfig.from_pretrained(path_or_config) if isinstance(path_or_config, str) \
+        else path_or_config
+    model_type = config.model_type
     return LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
 
 

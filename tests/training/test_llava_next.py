@@ -17,10 +17,12 @@ from llava.data.packing import pack_rows
 from llava.data.types import ConfigurationError, DataError
 from llava.model.processor import image_tokens
 from llava.model.components import components, set_trainable
+from llava import generate, inspect_data
 from llava.train import main
 from llava.training.arguments import ModelArguments
 from llava.training.build import base_model_for, processor_for
 from tests.helpers.outputs import REPO
+from tests.helpers.pipelines import write_pipeline
 from tests.helpers.portable import run_consumer, tensor_names
 from tests.helpers.portable_consumer import consume
 from tests.helpers.tiny_parts import dataset_from, prepared, qa
@@ -225,3 +227,26 @@ def test_unsupported_combinations_are_refused(parts, data, tmp_path, flags, mess
         main(["--architecture", "llava_next", "--vision_model_name_or_path", parts["vision"],
               "--language_model_name_or_path", parts["lm"], "--freeze_language_model", "False",
               "--data_path", data[0], "--image_folder", data[1], "--output_dir", str(tmp_path / "out"), *TRAIN, *flags])
+
+
+def test_inspect_data_and_generate_expand_by_image_size(outputs, data, capsys):
+    """`llava.inspect_data` counts each image's tokens from its header as training does; `llava.generate` answers."""
+    inspect_data.main(["--model_name_or_path", outputs["stage2"], "--data_path", data[0], "--image_folder", data[1],
+                       "--num_samples", "7", "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    processor = transformers.AutoProcessor.from_pretrained(outputs["stage2"])
+    dataset = dataset_from([data[0]], processor, 4096, data[1])
+    assert [line["input_ids"] for line in lines] == [dataset[i]["input_ids"].tolist() for i in range(7)]
+    counts = [line["input_ids"].count(processor.image_token_id) for line in lines]
+    assert len(set(counts[:len(SIZES)])) > 3  # sizes of different grids give different counts
+    answer = generate.main(["--model_name_or_path", outputs["stage2"], "--image", os.path.join(data[1], "s2.png"),
+                            "--prompt", QUESTION, "--max_new_tokens", "3"])
+    assert isinstance(answer, str)
+
+
+def test_pipeline_dry_run_counts_the_newline_with_the_projector(parts, tmp_path, capsys):
+    path = write_pipeline(tmp_path, parts, architecture="llava_next")
+    assert main([path, "--dry_run", "True"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    hidden = 32  # the tiny tower's and LM's width: two linear layers with biases, and the newline
+    assert rows["projector"][0] == f"{2 * (hidden * hidden + hidden) + hidden:,}"
