@@ -250,3 +250,21 @@ def test_pipeline_dry_run_counts_the_newline_with_the_projector(parts, tmp_path,
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
     hidden = 32  # the tiny tower's and LM's width: two linear layers with biases, and the newline
     assert rows["projector"][0] == f"{2 * (hidden * hidden + hidden) + hidden:,}"
+
+
+def test_images_encoded_before_the_lm_train_as_transformers_forward(trainable, data, monkeypatch):
+    """The path of every multi-process run (and of text-only batches in stage 1): embeddings, then tower, projector
+    and newlines, then the merge; a text-only batch encodes one blank image at zero weight."""
+    model, processor = trainable
+    dataset = dataset_from([data[0]], processor, 4096, data[1])
+    collate = LlavaDataCollator(processor.tokenizer.pad_token_id)
+    batch = collate([dataset[i] for i in (1, 3, 5, 6)])  # wide, tall, large, two images
+    num_items = batch["labels"][:, 1:].ne(-100).sum()
+    direct = loss_and_grads(model, batch, num_items)
+    monkeypatch.setattr(type(model), "_encodes_images_first", lambda self, pixel_values: True)
+    first = loss_and_grads(model, batch, num_items)
+    torch.testing.assert_close(direct[0], first[0], rtol=0, atol=1e-5)
+    assert max((direct[1][n] - first[1][n]).abs().max().item() for n in direct[1]) <= 1e-5
+    text_only = collate([dataset[7]])
+    _, grads = loss_and_grads(model, text_only, text_only["labels"][:, 1:].ne(-100).sum())
+    assert torch.count_nonzero(grads["model.image_newline"]) == 0  # reached, at zero weight
