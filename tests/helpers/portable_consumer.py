@@ -33,8 +33,8 @@ def preprocess(folder: str, image: Image.Image) -> dict:
 
 
 def consume(folder: str, image: Image.Image, question: str, attn_implementation: str | None = None) -> dict:
-    """The folder's model class by its config's `architectures` (LlavaForConditionalGeneration or
-    LlavaNextForConditionalGeneration), as serving stacks pick it."""
+    """The folder's model, loaded as the class its config's `architectures` names (LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration), as serving stacks pick it, and what it makes of one image question."""
     model_class = getattr(transformers, AutoConfig.from_pretrained(folder).architectures[0])
     model, info = model_class.from_pretrained(folder, output_loading_info=True, attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(folder)

@@ -15,6 +15,9 @@ from PIL import Image
 from llava.data.collator import LlavaDataCollator, PackingCollator
 from llava.data.packing import pack_rows
 from llava.data.types import ConfigurationError, DataError
+from llava.data.images import check_image, load_image
+from llava.data.types import Sample
+from llava.model.hub_format import load_saved_weights
 from llava.model.processor import image_tokens
 from llava.model.components import components, set_trainable
 from llava import generate, inspect_data
@@ -268,3 +271,30 @@ def test_images_encoded_before_the_lm_train_as_transformers_forward(trainable, d
     text_only = collate([dataset[7]])
     _, grads = loss_and_grads(model, text_only, text_only["labels"][:, 1:].ne(-100).sum())
     assert torch.count_nonzero(grads["model.image_newline"]) == 0  # reached, at zero weight
+
+
+def test_resuming_reads_the_newline_back_in_place(outputs):
+    """Resuming copies a checkpoint's tensors into the model being trained (`load_saved_weights`): image_newline too."""
+    args = ModelArguments(model_name_or_path=outputs["stage2"])
+    model = base_model_for(args, processor_for(args))
+    saved = model.model.image_newline.detach().clone()
+    with torch.no_grad():
+        model.model.image_newline.zero_()
+    assert load_saved_weights(model, outputs["stage2"]) and torch.equal(model.model.image_newline, saved)
+
+
+def test_sizes_from_headers_are_the_loaded_sizes(new_processor, data, tmp_path):
+    """Counted from the header, as loading will shape the image: EXIF quarter turns swap the sides, and
+    --max_image_pixels downsizing shrinks them; every item then loads with the counts it was planned with."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: shown 30 wide, 100 high
+    path = str(tmp_path / "turned.jpg")
+    Image.new("RGB", (100, 30), (200, 0, 0)).save(path, exif=exif.tobytes())
+    sample = Sample("t", "mem", [], [path])
+    loaded = load_image(path, max_pixels=1500)
+    assert check_image(path, sample) == (100, 30)
+    assert check_image(path, sample, max_pixels=1500) == (loaded.height, loaded.width) != (100, 30)
+    small = dataset_from([data[0]], new_processor, 4096, data[1], max_image_pixels=600)
+    full = dataset_from([data[0]], new_processor, 4096, data[1])
+    assert small.lengths != full.lengths
+    assert small.lengths == [len(small[i]["input_ids"]) for i in range(len(small))]  # counts checked at load
