@@ -298,3 +298,35 @@ def test_sizes_from_headers_are_the_loaded_sizes(new_processor, data, tmp_path):
     full = dataset_from([data[0]], new_processor, 4096, data[1])
     assert small.lengths != full.lengths
     assert small.lengths == [len(small[i]["input_ids"]) for i in range(len(small))]  # counts checked at load
+
+
+@pytest.fixture(scope="module")
+def hub_llava_next(parts, tmp_path_factory):
+    """A llava-hf-style LLaVA-NeXT checkpoint written by transformers itself (its class, config and processor, its
+    own save), of the tiny tower and LM: what `--model_name_or_path llava-hf/llava-v1.6-*` gives."""
+    path = str(tmp_path_factory.mktemp("hub_llava_next"))
+    processor = processor_for(ModelArguments(vision_model_name_or_path=parts["vision"],
+                                             language_model_name_or_path=parts["lm"], architecture="llava_next"))
+    vision = transformers.AutoConfig.from_pretrained(parts["vision"])
+    text = transformers.AutoConfig.from_pretrained(parts["lm"])
+    text.vocab_size = len(processor.tokenizer)
+    config = transformers.LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+        image_grid_pinpoints=processor.image_processor.image_grid_pinpoints)
+    torch.manual_seed(0)
+    transformers.LlavaNextForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_a_hub_llava_next_checkpoint_continues(hub_llava_next, data, tmp_path):
+    reference = transformers.LlavaNextForConditionalGeneration.from_pretrained(hub_llava_next).state_dict()
+    loaded = base_model_for(ModelArguments(model_name_or_path=hub_llava_next), processor_for(
+        ModelArguments(model_name_or_path=hub_llava_next))).state_dict()
+    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
+    out = str(tmp_path / "out")
+    main(["--model_name_or_path", hub_llava_next, "--freeze_language_model", "False", "--data_path", data[0],
+          "--image_folder", data[1], "--output_dir", out, *TRAIN])
+    model, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not torch.equal(model.model.image_newline, reference["model.image_newline"])  # trained with the projector
