@@ -330,3 +330,17 @@ def test_a_hub_llava_next_checkpoint_continues(hub_llava_next, data, tmp_path):
     model, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not torch.equal(model.model.image_newline, reference["model.image_newline"])  # trained with the projector
+
+
+@pytest.mark.parametrize("flags", [
+    ["--packing", "True", "--model_max_length", "400"],
+    ["--max_tokens_per_batch", "400", "--per_device_train_batch_size", "1", "--gradient_checkpointing", "True"],
+], ids=["packing", "token_budget_checkpointed"])
+def test_planned_batches_train_through_the_cli(outputs, data, tmp_path, flags):
+    out = str(tmp_path / "out")
+    main(["--model_name_or_path", outputs["stage1"], "--freeze_language_model", "False", "--data_path", data[0],
+          "--image_folder", data[1], "--output_dir", out, *TRAIN, *flags])
+    model, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    history = json.loads(open(os.path.join(out, "trainer_state.json")).read())["log_history"]
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in history if "loss" in entry)
