@@ -215,8 +215,8 @@ class ConversationEncoder:
                             f"{self.max_length}; raise it or shorten the sample.", kind="no_answer_within_max_length")
         # Tokens after the last trained one (the template's closing newline, say) cannot change the loss of a
         # causal LM: dropping them saves their forward and backward.
-        end = int(np.flatnonzero(trained)[-1]) + 1  # never before an image: images precede the answers they ask
-        kept = int((input_ids[:end] == self.image_token_id).sum())
+        end = int(np.flatnonzero(trained)[-1]) + 1
+        kept = int((input_ids[:end] == self.image_token_id).sum())  # the counts of the images still in the text
         return {"input_ids": input_ids[:end], "trained": trained[:end], "image_tokens": counts[:kept]}
 
 

@@ -31,8 +31,5 @@ class ImageTokens:
         """Why an image of `size` (height, width) cannot be used, or None when it can."""
         return None
 
-    def __eq__(self, other) -> bool:
-        return type(other) is type(self) and other.fingerprint() == self.fingerprint()
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.fingerprint()})"

@@ -54,7 +54,8 @@ def check_pinpoints(pinpoints: list[list[int]], tile: int, where: str) -> None:
     wrong = [p for p in pinpoints if p[0] % tile or p[1] % tile]
     if wrong:
         raise ConfigurationError(f"--image_grid_pinpoints {json.dumps(wrong)} ({where}): every [height, width] must be "
-                                 f"a multiple of the tower's image size {tile}, e.g. {json.dumps(default_pinpoints(tile))}.")
+                                 f"a multiple of the tower's image size {tile}, e.g. "
+                                 f"{json.dumps(default_pinpoints(tile))}.")
 
 
 def anyres_processor(processor: ProcessorMixin, input_size: tuple[int, int], pinpoints: list[list[int]] | None
