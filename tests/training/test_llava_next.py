@@ -20,7 +20,7 @@ from llava.data.types import Sample
 from llava.model.hub_format import load_saved_weights
 from llava.model.processor import image_tokens
 from llava.model.components import components, set_trainable
-from llava import generate, inspect_data
+from llava import evaluate, generate, inspect_data, validate_data
 from llava.train import main
 from llava.training.arguments import ModelArguments
 from llava.training.build import base_model_for, processor_for
@@ -344,3 +344,14 @@ def test_planned_batches_train_through_the_cli(outputs, data, tmp_path, flags):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     history = json.loads(open(os.path.join(out, "trainer_state.json")).read())["log_history"]
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in history if "loss" in entry)
+
+
+def test_validate_data_and_evaluate_take_llava_next(outputs, parts, data, tmp_path):
+    """`llava.validate_data` checks data against a new llava_next processor (sizes from the images); `llava.evaluate`
+    answers, the blind control keeping each image's size (and so its token count)."""
+    new = ["--vision_model_name_or_path", parts["vision"], "--language_model_name_or_path", parts["lm"],
+           "--architecture", "llava_next", "--data_path", data[0], "--image_folder", data[1]]
+    assert validate_data.main(new) == 0
+    result = evaluate.main(["--model_name_or_path", outputs["stage2"], "--data_path", data[0], "--image_folder",
+                            data[1], "--max_samples", "4", "--batch_size", "2"])
+    assert 0 <= result["accuracy"] <= 1 and "blind_accuracy" in result
