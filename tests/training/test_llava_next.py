@@ -24,6 +24,7 @@ from llava import evaluate, generate, inspect_data, validate_data
 from llava.train import main
 from llava.training.arguments import ModelArguments
 from llava.training.build import base_model_for, processor_for
+from tests.helpers.distributed import TORCHRUN, launch, stage2_flags
 from tests.helpers.outputs import REPO
 from tests.helpers.pipelines import write_pipeline
 from tests.helpers.portable import run_consumer, tensor_names
@@ -355,3 +356,16 @@ def test_validate_data_and_evaluate_take_llava_next(outputs, parts, data, tmp_pa
     result = evaluate.main(["--model_name_or_path", outputs["stage2"], "--data_path", data[0], "--image_folder",
                             data[1], "--max_samples", "4", "--batch_size", "2"])
     assert 0 <= result["accuracy"] <= 1 and "blind_accuracy" in result
+
+
+@pytest.mark.slow
+def test_ddp_trains_llava_next_over_two_processes(parts, llava_checkpoint, tmp_path):
+    """Under DDP every batch goes embeddings -> tower, projector, newlines -> merge (text-only ones with a blank
+    image), so both processes run the same modules; a llava checkpoint turned llava_next, 2 steps."""
+    out = tmp_path / "ddp"
+    rc, log = launch(TORCHRUN, "train_llava.py", stage2_flags(
+        parts, llava_checkpoint, out, "--architecture", "llava_next", "--max_steps", "2", "--report_to", "none"),
+        tmp_path / "ddp.log")
+    assert rc == 0, log[-4000:]
+    model, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
