@@ -16,10 +16,11 @@ import json
 from dataclasses import dataclass, field
 
 from llava.data.encoder import ConversationEncoder
+from llava.data.images import check_image, image_readers
 from llava.data.mixture import read_mixture
 from llava.data.records import load_samples
 from llava.data.types import IGNORE_INDEX
-from llava.model.processor import image_token_count
+from llava.model.processor import image_tokens
 from llava.reporting import run_command
 from llava.training.arguments import DataSourceArguments, ProcessorArguments
 from llava.training.build import processor_for
@@ -50,12 +51,16 @@ def main(argv: list[str] | None = None) -> None:
                                                       argv)
     mixture = read_mixture(data_args.data_path, data_args.image_folder)
     processor = processor_for(model_args)
-    encoder = ConversationEncoder(processor, data_args.model_max_length, image_token_count(processor))
+    encoder = ConversationEncoder(processor, data_args.model_max_length, image_tokens(processor))
+    readers = image_readers(mixture.paths, mixture.image_folders, data_args.allow_absolute_image_paths)
     samples = load_samples(mixture.paths)[: inspect_args.num_samples]
     if not inspect_args.json:
         print(f"Trained tokens are between {TRAIN_OPEN} and {TRAIN_CLOSE}; everything else has label -100.\n")
     for sample in samples:
-        encoded = encoder.encode(sample)
+        # Anyres images expand by their size, read from their headers as the checking pass reads them.
+        sizes = [check_image(readers[sample.source].file(reference, sample), sample) for reference in sample.images] \
+            if encoder.image_tokens.needs_sizes else None
+        encoded = encoder.encode(sample, sizes)
         if inspect_args.json:
             print(json.dumps({"id": sample.id, **encoded}))
             continue

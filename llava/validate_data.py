@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from llava.data.checking import prepare_samples
 from llava.data.images import image_readers
 from llava.data.mixture import mixture_table, read_mixture, select
-from llava.model.processor import image_token_count
+from llava.model.processor import image_tokens
 from llava.reporting import run_command
 from llava.training.arguments import DataSourceArguments, ProcessorArguments
 from llava.training.build import processor_for
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     processor = processor_for(model_args)
     images = image_readers(mixture.paths, mixture.image_folders, data_args.allow_absolute_image_paths)
     decode = data_args.decode_images is not False  # full decode unless --decode_images False
-    result = prepare_samples(mixture.paths, processor, data_args.model_max_length, image_token_count(processor),
+    result = prepare_samples(mixture.paths, processor, data_args.model_max_length, image_tokens(processor),
                              images, validate_args.num_workers, decode_images=decode)
     if result.problems or result.warnings:
         print(result.report())

@@ -76,10 +76,10 @@ def subset_tokens(path: str, model: str) -> int:
 
     from llava.data.encoder import ConversationEncoder
     from llava.data.records import load_samples
-    from llava.model.processor import image_token_count
+    from llava.model.processor import image_tokens
 
     processor = AutoProcessor.from_pretrained(model)
-    encoder = ConversationEncoder(processor, 4096, image_token_count(processor))
+    encoder = ConversationEncoder(processor, 4096, image_tokens(processor))
     return sum(len(encoder.encode(sample)["input_ids"]) for sample in load_samples([path]))
 
 

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 
-from llava.data.encoder import ConversationEncoder
+from llava.data.encoder import ConversationEncoder, expanded_length
+from llava.data.image_tokens import ImageTokens
 from llava.data.images import ImageReader, check_image
 from llava.data.records import iter_samples
 from llava.data.token_cache import PreparedData, TokenStore
@@ -31,11 +32,14 @@ class SampleChecker:
     """Tokenizes one sample and checks its turns and images; returns (encoded, None, warnings) or
     (None, DataError, [])."""
 
-    def __init__(self, encoder: ConversationEncoder, images: list[ImageReader], decode_images: bool = False):
+    def __init__(self, encoder: ConversationEncoder, images: list[ImageReader], decode_images: bool = False,
+                 max_image_pixels: int | None = None):
         self.encoder = encoder
         self.images = images  # one per data file: `sample.source` picks it
         self.decode_images = decode_images
-        self._checked_images: set[tuple[int, str]] = set()  # many questions share an image: check each once
+        self.max_image_pixels = max_image_pixels  # images are downsized before the processor: counts follow
+        # Many questions share an image: check each once, keeping the size it will have (read from its header).
+        self._checked_images: dict[tuple[int, str], tuple[int, int]] = {}
 
     def __call__(self, sample: Sample | DataError):
         if isinstance(sample, DataError):
@@ -43,14 +47,25 @@ class SampleChecker:
         try:
             _check_turn_order(sample)
             warnings = self._image_in_answer(sample)
-            encoded = self.encoder.encode_compact(sample, warnings)
-            for reference in sample.images:
-                if (sample.source, reference) not in self._checked_images:
-                    check_image(self.images[sample.source].file(reference, sample), sample, self.decode_images)
-                    self._checked_images.add((sample.source, reference))
+            sizes = [self._image_size(sample, reference) for reference in sample.images]
+            encoded = self.encoder.encode_compact(sample, warnings, sizes)
             return encoded, None, warnings
         except DataError as error:
             return None, error, []
+
+    def _image_size(self, sample: Sample, reference: str) -> tuple[int, int]:
+        """(height, width) of an image as the processor will get it, checked (`check_image`) the first time it is
+        seen; an image whose size the architecture cannot use (`ImageTokens.check_size`) is refused here."""
+        key = (sample.source, reference)
+        if key not in self._checked_images:
+            path = self.images[sample.source].file(reference, sample)
+            size = check_image(path, sample, self.decode_images, self.max_image_pixels)
+            problem = self.encoder.image_tokens.check_size(size)
+            if problem:
+                raise DataError(f"{sample.describe()}: image {path} ({size[1]}x{size[0]} pixels): {problem}",
+                                kind="image_size_unsupported")
+            self._checked_images[key] = size
+        return self._checked_images[key]
 
     def _image_in_answer(self, sample: Sample) -> list[DataError]:
         """A warning for an image placeholder inside an assistant turn: the model would be trained to see an image
@@ -90,17 +105,19 @@ def _check_in_worker(sample):
     return _worker_checker(sample)
 
 
-def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length: int, tokens_per_image: int,
+def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length: int, image_tokens: ImageTokens,
                     images: list[ImageReader], num_workers: int | None = None,
-                    decode_images: bool = False) -> PreparedData:
+                    decode_images: bool = False, max_image_pixels: int | None = None) -> PreparedData:
     """Read, tokenize and check every sample of every file, in parallel for large sets; `images` holds one
-    `ImageReader` per file (`llava.data.images.image_readers`), `tokens_per_image` what one image expands to,
-    `decode_images` whether each image is decoded (else its header is read, see `check_image`).
+    `ImageReader` per file (`llava.data.images.image_readers`), `image_tokens` what each image expands to (counted
+    from its header's size where that matters, after --max_image_pixels), `decode_images` whether each image is
+    decoded (else its header is read, see `check_image`).
 
     Samples go through in chunks, each reduced to its tokens (one flat array per chunk) and what locates it, so the
     texts of only two chunks (beside a .json file's text) are held at a time: a 665k-sample mix fits in a few GB.
     The next chunk is read while the workers check the current one."""
-    checker = SampleChecker(ConversationEncoder(processor, max_length, tokens_per_image), images, decode_images)
+    checker = SampleChecker(ConversationEncoder(processor, max_length, image_tokens), images, decode_images,
+                            max_image_pixels)
     total_bytes = sum(os.path.getsize(path) for path in data_paths if os.path.isfile(path))
     read = _Counter()  # bytes of the files read so far: the progress bar's position, for its rate and ETA
     chunks = _chunks(iter_samples(data_paths, read), _CHUNK)
@@ -125,7 +142,7 @@ def prepare_samples(data_paths: list[str], processor: ProcessorMixin, max_length
                                           source=item.source))
                     encoded.append(tokens)
             parts.append(TokenStore.from_samples(
-                encoded, [checker.encoder.expanded_length(tokens["input_ids"]) for tokens in encoded]))
+                encoded, [expanded_length(tokens["input_ids"], tokens["image_tokens"]) for tokens in encoded]))
             progress.set_postfix_str(f"{len(samples) + len(problems)} samples", refresh=False)
             progress.update(bytes_read - progress.n)
     return PreparedData(samples, TokenStore.concatenate(parts), problems, warnings)

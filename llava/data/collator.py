@@ -43,11 +43,7 @@ class LlavaDataCollator:
             input_ids[row, :n] = item["input_ids"]
             labels[row, :n] = item["labels"]
             attention_mask[row, :n] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        pixel_values = [item["pixel_values"] for item in items if "pixel_values" in item]
-        if pixel_values:
-            batch["pixel_values"] = torch.cat(pixel_values)
-        return batch
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **image_batch(items)}
 
 
 @dataclass
@@ -86,11 +82,28 @@ class PackingCollator:
                 position_ids[r, start:end] = torch.arange(end - start)
                 start = end
             position_ids[r, start:] = torch.arange(length - start)
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-        pixel_values = [item["pixel_values"] for row in rows for item in row if "pixel_values" in item]
-        if pixel_values:
-            batch["pixel_values"] = torch.cat(pixel_values)
-        return batch
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                **image_batch([item for row in rows for item in row])}
+
+
+def image_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every item's images in item order, the order their image tokens appear in the flattened batch: nothing for a
+    text-only batch.
+
+    pixel_values  (sum n_i, 3, H, W), or for anyres items (sum n_i, max tiles, 3, H, W): each image's tiles, zero
+                  tiles after them up to the most any image of the batch has (the model reads only an image's own,
+                  counted from its size, as transformers' LLaVA-NeXT processor pads them within one call)
+    image_sizes   (sum n_i, 2) (anyres only): each image's (height, width), which decides its grid
+    """
+    with_images = [item for item in items if "pixel_values" in item]
+    if not with_images:
+        return {}
+    pixel_values = [item["pixel_values"] for item in with_images]
+    if "image_sizes" not in with_images[0]:
+        return {"pixel_values": torch.cat(pixel_values)}
+    tiles = max(p.shape[1] for p in pixel_values)
+    padded = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixel_values]
+    return {"pixel_values": torch.cat(padded), "image_sizes": torch.cat([item["image_sizes"] for item in with_images])}
 
 
 @dataclass

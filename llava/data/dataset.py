@@ -15,6 +15,7 @@ from transformers import ProcessorMixin
 
 from llava.data.checking import prepare_samples
 from llava.data.encoder import expand_image_tokens
+from llava.data.image_tokens import ImageTokens
 from llava.data.images import ImageReader, image_readers, load_image
 from llava.data.mixture import Mixture
 from llava.data.token_cache import TokenStore, cache_key, cached
@@ -28,7 +29,8 @@ _MIN_LOADS_TO_JUDGE = 20
 
 class LlavaDataset(torch.utils.data.Dataset):
     """Each item: {"input_ids": (T,), "labels": (T,), "pixel_values": (num_images, 3, H, W)}; text-only
-    samples have no "pixel_values".
+    samples have no "pixel_values". Anyres (LLaVA-NeXT) items have pixel_values (num_images, tiles, 3, H, W), tiles
+    padded to the image with the most, and "image_sizes" (num_images, 2): what its processor gives.
 
     An image that fails to load now although it passed the up-front checks (replaced on disk, say) raises a
     `DataError` naming the sample, or, with `skip_invalid`, is logged and replaced by the next sample, so a
@@ -38,13 +40,13 @@ class LlavaDataset(torch.utils.data.Dataset):
     selection (`select`) picks some, sharing the tokens instead of copying them.
     """
 
-    def __init__(self, samples: list[Sample], store: TokenStore, processor: ProcessorMixin, tokens_per_image: int,
+    def __init__(self, samples: list[Sample], store: TokenStore, processor: ProcessorMixin, image_tokens: ImageTokens,
                  images: list[ImageReader], skip_invalid: bool = False, max_image_pixels: int | None = None):
         self.samples = samples
         self.store = store
         self.rows = np.arange(len(samples))
         self.image_token_id = processor.image_token_id
-        self.tokens_per_image = tokens_per_image
+        self.image_tokens = image_tokens
         self.image_processor = processor.image_processor
         self.images = images  # one per data file: `sample.source` picks it
         self.skip_invalid = skip_invalid
@@ -99,8 +101,8 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def _item(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
-        input_ids, labels = expand_image_tokens(*self.store[self.rows[index]], self.image_token_id,
-                                                self.tokens_per_image)
+        input_ids, trained, counts = self.store[self.rows[index]]
+        input_ids, labels = expand_image_tokens(input_ids, trained, counts, self.image_token_id)
         item = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
         if sample.images:
             images = []
@@ -111,11 +113,26 @@ class LlavaDataset(torch.utils.data.Dataset):
                 except (OSError, ValueError, SyntaxError, Warning) as error:
                     raise DataError(f"{sample.describe()}: cannot read image {path}: {error}",
                                     kind="corrupt_image") from None
-            item["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            self._check_counts(sample, images, counts)
+            processed = self.image_processor(images=images, return_tensors="pt")
+            item["pixel_values"] = processed["pixel_values"]
+            if "image_sizes" in processed:
+                item["image_sizes"] = processed["image_sizes"]
         return item
 
+    def _check_counts(self, sample: Sample, images: list, counts: np.ndarray) -> None:
+        """Refuse images whose token count differs from the one their header gave when the data was checked (an
+        image replaced on disk since, or a cache of other files): its tokens would not match its features."""
+        if not self.image_tokens.needs_sizes:
+            return
+        now = [self.image_tokens.count((image.height, image.width)) for image in images[:len(counts)]]
+        if now != counts.tolist():
+            raise DataError(f"{sample.describe()}: its images now give {now} tokens, not the {counts.tolist()} counted "
+                            "when the data was checked (replaced since?); clear the data cache or restore them.",
+                            kind="image_changed")
 
-def build_dataset(sources: Mixture, processor: ProcessorMixin, tokens_per_image: int, max_length: int,
+
+def build_dataset(sources: Mixture, processor: ProcessorMixin, image_tokens: ImageTokens, max_length: int,
                   skip_invalid: bool = False, allow_absolute_image_paths: bool = False, num_workers: int | None = None,
                   max_image_pixels: int | None = None, cache_dir: str | None = None,
                   decode_images: bool = False) -> LlavaDataset:
@@ -124,12 +141,14 @@ def build_dataset(sources: Mixture, processor: ProcessorMixin, tokens_per_image:
     skipped and why. Every valid sample of each source is kept once: a mixture's amounts are applied afterwards
     (`llava.data.mixture.apply_mixture`), so one cache serves every amount."""
     images = image_readers(sources.paths, sources.image_folders, allow_absolute_image_paths)
-    fingerprint = tokenization_fingerprint(processor, tokens_per_image, max_length, sources.image_folders,
+    fingerprint = tokenization_fingerprint(processor, image_tokens, max_length, sources.image_folders,
                                            allow_absolute_image_paths)
+    if image_tokens.needs_sizes:  # images are downsized before they are counted
+        fingerprint["max_image_pixels"] = max_image_pixels
     if decode_images:  # another check finds other problems (keyed only when on: caches of header checks stay valid)
         fingerprint["decode_images"] = True
     result = cached(cache_dir, cache_key(sources.file_stamps, fingerprint), lambda: prepare_samples(
-        sources.paths, processor, max_length, tokens_per_image, images, num_workers, decode_images))
+        sources.paths, processor, max_length, image_tokens, images, num_workers, decode_images, max_image_pixels))
     if result.problems:
         if not skip_invalid:
             raise DataError(f"invalid training data (nothing was trained; fix these samples or pass "
@@ -143,11 +162,11 @@ def build_dataset(sources: Mixture, processor: ProcessorMixin, tokens_per_image:
         logger.warning("training data warnings:\n%s", result.report(limit=20))
     if not result.samples:
         raise DataError(f"no valid samples in {', '.join(sources.paths)}.", kind="no_samples")
-    return LlavaDataset(result.samples, result.store, processor, tokens_per_image, images, skip_invalid,
+    return LlavaDataset(result.samples, result.store, processor, image_tokens, images, skip_invalid,
                         max_image_pixels)
 
 
-def tokenization_fingerprint(processor: ProcessorMixin, tokens_per_image: int, max_length: int,
+def tokenization_fingerprint(processor: ProcessorMixin, image_tokens: ImageTokens, max_length: int,
                              image_folders: list[str | None], allow_absolute_image_paths: bool) -> dict:
     """Everything besides the data files that the tokenized samples and the list of invalid ones depend on."""
     tokenizer = processor.tokenizer
@@ -155,7 +174,7 @@ def tokenization_fingerprint(processor: ProcessorMixin, tokens_per_image: int, m
     vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return {"tokenizer": hashlib.sha256(vocabulary.encode("utf-8")).hexdigest(),
             "special_tokens": tokenizer.special_tokens_map, "chat_template": processor.chat_template,
-            "image_token_id": processor.image_token_id, "tokens_per_image": tokens_per_image,
+            "image_token_id": processor.image_token_id, **image_tokens.fingerprint(),
             "max_length": max_length,
             "image_folders": [os.path.abspath(folder) if folder else None for folder in image_folders],
             "allow_absolute_image_paths": allow_absolute_image_paths}

@@ -12,25 +12,26 @@ import numpy as np
 from transformers import ProcessorMixin
 
 from llava.data.chat_template import ANSWER_STAND_IN, ChatTemplate, TemplateTimeout
+from llava.data.image_tokens import ImageTokens
 from llava.data.types import IGNORE_INDEX, DataError, Message, Sample
 
 
 class ConversationEncoder:
     """Renders conversations with the processor's chat template (`template`); returns `input_ids` and `labels`.
 
-    Image placeholders are expanded to `tokens_per_image` image tokens each (labels -100): the number the vision
-    tower yields per image, computed once per run (`llava.model.processor.image_token_count`). A sample longer than
-    `max_length` loses text at its end; if that would cut an image span, or leave no trained token, the sample is
-    refused with a `DataError`.
+    Image placeholders are expanded to `image_tokens.count(size)` image tokens each (labels -100): the number of
+    features the model produces for that image (`llava.model.processor.image_tokens`: one number for LLaVA-1.5, one
+    per image size for anyres). A sample longer than `max_length` loses text at its end; if that would cut an image
+    span, or leave no trained token, the sample is refused with a `DataError`.
 
     Raises (at construction, before any weights load): see `ChatTemplate`.
     """
 
-    def __init__(self, processor: ProcessorMixin, max_length: int, tokens_per_image: int):
+    def __init__(self, processor: ProcessorMixin, max_length: int, image_tokens: ImageTokens):
         self.tokenizer = processor.tokenizer
         self.image_token = processor.image_token
         self.image_token_id = processor.image_token_id
-        self.tokens_per_image = tokens_per_image
+        self.image_tokens = image_tokens
         self.max_length = max_length
         self.template = ChatTemplate(self.tokenizer, processor.chat_template, self.image_token, self.image_token_id)
         self.model_name = self.template.model_name
@@ -43,9 +44,9 @@ class ConversationEncoder:
                                       Message("assistant", "A café, naïve 42.", trained=True)])[0]
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None) if self._backend_agrees(probe) else None
 
-    def prompt_ids(self, messages: list[Message]) -> list[int]:
-        """The token ids training put before an assistant answer that follows `messages` (image tokens expanded):
-        what to generate from.
+    def prompt_ids(self, messages: list[Message], image_sizes: list[tuple[int, int]] | None = None) -> list[int]:
+        """The token ids training put before an assistant answer that follows `messages` (image tokens expanded;
+        `image_sizes`, (height, width) per image, where the count depends on it): what to generate from.
 
         Cut from the tokens of a rendering with a stand-in answer, so they are exactly what the model saw in
         training, also where a template's generation prompt differs from a rendered assistant turn and where a
@@ -57,7 +58,8 @@ class ConversationEncoder:
         start = int(np.flatnonzero(trained)[-1])  # in the stand-in answer: walk back to where it starts
         while trained[start - 1]:
             start -= 1
-        return self.expand(input_ids[:start], trained[:start])[0].tolist()
+        counts = self.image_counts(int((input_ids[:start] == self.image_token_id).sum()), image_sizes, "the prompt")
+        return self.expand(input_ids[:start], trained[:start], counts)[0].tolist()
 
     def trained_spans(self, messages: list[Message], where: str
                       ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
@@ -79,24 +81,31 @@ class ConversationEncoder:
             spans.append((start, end + gap + len(end_of_turn)))
         return text, spans, regions
 
-    def encode(self, sample: Sample) -> dict[str, list[int]]:
+    def encode(self, sample: Sample, image_sizes: list[tuple[int, int]] | None = None) -> dict[str, list[int]]:
         """Token ids and labels (-100 where not trained) for one sample, image tokens expanded: what the collator
         feeds the model (`llava.inspect_data --json` prints it)."""
-        compact = self.encode_compact(sample)
-        input_ids, labels = self.expand(compact["input_ids"], compact["trained"])
+        compact = self.encode_compact(sample, image_sizes=image_sizes)
+        input_ids, labels = self.expand(compact["input_ids"], compact["trained"], compact["image_tokens"])
         return {"input_ids": input_ids.tolist(), "labels": labels.tolist()}
 
-    def expand(self, input_ids: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return expand_image_tokens(input_ids, trained, self.image_token_id, self.tokens_per_image)
+    def expand(self, input_ids: np.ndarray, trained: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return expand_image_tokens(input_ids, trained, counts, self.image_token_id)
 
-    def expanded_length(self, input_ids: np.ndarray) -> int:
-        return len(input_ids) + int((input_ids == self.image_token_id).sum()) * (self.tokens_per_image - 1)
+    def image_counts(self, num_images: int, image_sizes: list[tuple[int, int]] | None, where: str) -> np.ndarray:
+        """Tokens of each image (int32), from its (height, width) in `image_sizes` where the count depends on it."""
+        if not self.image_tokens.needs_sizes:
+            return np.full(num_images, self.image_tokens.count(), dtype=np.int32)
+        if image_sizes is None or len(image_sizes) < num_images:
+            raise ValueError(f"{where}: the image sizes are needed to count an anyres image's tokens.")
+        return np.asarray([self.image_tokens.count(size) for size in image_sizes[:num_images]], dtype=np.int32)
 
-    def encode_compact(self, sample: Sample, warnings: list[DataError] | None = None) -> dict[str, np.ndarray]:
+    def encode_compact(self, sample: Sample, warnings: list[DataError] | None = None,
+                       image_sizes: list[tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
         """One sample as stored for training: `input_ids` (int32) with one image token per image (expanded when
-        batched, see `expand`) and `trained` (bool, where the label is the token itself). ~35x less memory than
-        expanded label lists for LLaVA-1.5's 576-token images. What is trained but likely not meant (an answer
-        cut by truncation) is appended to `warnings`."""
+        batched, see `expand`), `trained` (bool, where the label is the token itself) and `image_tokens` (int32,
+        what each image expands to; `image_sizes` gives the images' (height, width) where that depends on it).
+        ~35x less memory than expanded label lists for LLaVA-1.5's 576-token images. What is trained but likely not
+        meant (an answer cut by truncation) is appended to `warnings`."""
         if not any(m.trained for m in sample.messages):
             raise DataError(f"{sample.describe()}: no assistant turn, so nothing to train on.",
                             kind="no_assistant_turn")
@@ -116,7 +125,8 @@ class ConversationEncoder:
             raise DataError(f"{sample.describe()}: {placeholders} {self.image_token} placeholder(s) but "
                             f"{len(sample.images)} image(s); put one {self.image_token} in the text per image.",
                             kind="image_count_mismatch")
-        return self._truncate(sample, input_ids, trained, [] if warnings is None else warnings)
+        counts = self.image_counts(placeholders, image_sizes, sample.describe())
+        return self._truncate(sample, input_ids, trained, counts, [] if warnings is None else warnings)
 
     def _tokenize(self, text: str, spans: list[tuple[int, int]], regions: list[tuple[int, int]], where: str
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -173,25 +183,27 @@ class ConversationEncoder:
                             kind="literal_special_token")
         return ids
 
-    def _truncate(self, sample: Sample, input_ids: np.ndarray, trained: np.ndarray,
+    def _truncate(self, sample: Sample, input_ids: np.ndarray, trained: np.ndarray, counts: np.ndarray,
                   warnings: list[DataError]) -> dict[str, np.ndarray]:
         """Cut text beyond `max_length` (counted with images expanded), never an image; drop what follows the last
         trained token."""
         is_image = input_ids == self.image_token_id
-        length = self.expanded_length(input_ids)
+        length = expanded_length(input_ids, counts)
         if length > self.max_length:
-            image_tokens = int(is_image.sum()) * self.tokens_per_image
-            if image_tokens > self.max_length:
-                raise DataError(f"{sample.describe()}: its images alone take {image_tokens} tokens, more than "
-                                f"--model_max_length {self.max_length}; raise it or use fewer images.",
-                                kind="images_exceed_max_length")
-            ends = np.cumsum(np.where(is_image, self.tokens_per_image, 1))  # expanded end of each token
+            per_image = ", ".join(map(str, counts.tolist()))
+            if int(counts.sum()) > self.max_length:
+                raise DataError(f"{sample.describe()}: its images alone take {int(counts.sum())} tokens ({per_image}"
+                                f" per image), more than --model_max_length {self.max_length}; raise it or use fewer "
+                                "or smaller images.", kind="images_exceed_max_length")
+            repeats = np.ones(len(input_ids), dtype=np.int64)
+            repeats[is_image] = counts
+            ends = np.cumsum(repeats)  # expanded end of each token
             keep = int(np.searchsorted(ends, self.max_length, side="right"))
             if is_image[keep:].any():
                 raise DataError(
-                    f"{sample.describe()}: {length} tokens, and --model_max_length {self.max_length} would "
-                    "cut through an image's tokens; raise --model_max_length or shorten the sample.",
-                    kind="truncation_cuts_image")
+                    f"{sample.describe()}: {length} tokens (its images {per_image}), and --model_max_length "
+                    f"{self.max_length} would cut through an image's tokens; raise --model_max_length or shorten "
+                    "the sample.", kind="truncation_cuts_image")
             if trained[keep:].any():
                 warnings.append(DataError(
                     f"{sample.describe()}: {length} tokens; --model_max_length {self.max_length} cuts an "
@@ -204,14 +216,22 @@ class ConversationEncoder:
         # Tokens after the last trained one (the template's closing newline, say) cannot change the loss of a
         # causal LM: dropping them saves their forward and backward.
         end = int(np.flatnonzero(trained)[-1]) + 1
-        return {"input_ids": input_ids[:end], "trained": trained[:end]}
+        kept = int((input_ids[:end] == self.image_token_id).sum())  # the counts of the images still in the text
+        return {"input_ids": input_ids[:end], "trained": trained[:end], "image_tokens": counts[:kept]}
 
 
-def expand_image_tokens(input_ids: np.ndarray, trained: np.ndarray, image_token_id: int, tokens_per_image: int
+def expanded_length(input_ids: np.ndarray, counts: np.ndarray) -> int:
+    """Length of a stored sample with each of its image tokens expanded to its count."""
+    return len(input_ids) + int(np.sum(counts, dtype=np.int64)) - len(counts)
+
+
+def expand_image_tokens(input_ids: np.ndarray, trained: np.ndarray, counts: np.ndarray, image_token_id: int
                         ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, labels) of a stored sample: each image token repeated to the tower's token count, labels the ids
-    where trained and -100 elsewhere (image tokens, prompts)."""
-    repeats = np.where(input_ids == image_token_id, tokens_per_image, 1)
+    """(ids, labels) of a stored sample: the i-th image token repeated `counts[i]` times (its features), labels the
+    ids where trained and -100 elsewhere (image tokens, prompts)."""
+    is_image = input_ids == image_token_id
+    repeats = np.ones(len(input_ids), dtype=np.int64)
+    repeats[is_image] = counts
     expanded, trained = np.repeat(np.asarray(input_ids, dtype=np.int64), repeats), np.repeat(trained, repeats)
     return expanded, np.where(trained, expanded, IGNORE_INDEX)
 

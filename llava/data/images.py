@@ -139,17 +139,51 @@ def downsize_image(image: Image.Image, max_pixels: int | None) -> Image.Image:
     Why before the image processor: it resizes to a few hundred pixels anyway, but a 40 MP photo would first be
     converted to float arrays (~500 MB) in a DataLoader worker.
     """
-    if not max_pixels or image.width * image.height <= max_pixels:
+    width, height = downsized_size(image.width, image.height, max_pixels)
+    if (width, height) == image.size:
         return image
-    scale = math.sqrt(max_pixels / (image.width * image.height))
-    size = (max(1, math.floor(image.width * scale)), max(1, math.floor(image.height * scale)))
-    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
-def check_image(path: str | EmbeddedImage, sample: Sample, decode: bool = False) -> None:
-    """Raise a `DataError` naming the sample if the image at `path` is missing, not a regular file, not an image
-    or too large, or (`decode`) if its pixel data does not decode (truncated, or a format this machine's PIL cannot
-    decode, such as EPS without Ghostscript).
+def downsized_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) of an image of that size after `downsize_image`: the checking pass counts an anyres image's
+    tokens from its header alone, so it must know the size the image processor will get without decoding."""
+    if not max_pixels or width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+
+
+# EXIF orientations that `ImageOps.exif_transpose` turns by 90 degrees: width and height swap.
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag, read without decoding pixels: PIL's PNG `getexif` decodes the whole image to find
+    an eXIf chunk after the pixel data, so PNGs give only what precedes it (a later chunk: the count is checked
+    again when the image loads, see `LlavaDataset`)."""
+    if image.format != "PNG":
+        return image.getexif().get(0x0112)
+    exif = Image.Exif()
+    if image.info.get("exif"):
+        exif.load(image.info["exif"])
+    return exif.get(0x0112)
+
+
+def _loaded_size(image: Image.Image, max_pixels: int | None) -> tuple[int, int]:
+    """(height, width) that `load_image` gives for the opened, undecoded `image`."""
+    width, height = image.size
+    if _orientation(image) in _QUARTER_TURNS:
+        width, height = height, width
+    width, height = downsized_size(width, height, max_pixels)
+    return height, width
+
+
+def check_image(path: str | EmbeddedImage, sample: Sample, decode: bool = False, max_pixels: int | None = None
+                ) -> tuple[int, int]:
+    """The (height, width) that `load_image(path, max_pixels)` will give; raise a `DataError` naming the sample if
+    the image at `path` is missing, not a regular file, not an image or too large, or (`decode`) if its pixel data
+    does not decode (truncated, or a format this machine's PIL cannot decode, such as EPS without Ghostscript).
 
     By default only the header is read: decoding every image of a 665k-sample mix before the first step costs
     minutes. Pixel data that turns out corrupt when a batch decodes it fails then, under the same
@@ -158,6 +192,7 @@ def check_image(path: str | EmbeddedImage, sample: Sample, decode: bool = False)
         with _opened(path) as image:
             if decode:
                 image.load()
+            return _loaded_size(image, max_pixels)
     except FileNotFoundError:
         raise DataError(f"{sample.describe()}: image not found: {path}", kind="missing_image") from None
     except NotARegularFile as error:

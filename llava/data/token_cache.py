@@ -1,7 +1,8 @@
 """Tokenized training data kept compact, and cached on disk so later runs and every rank of a node reuse it.
 
 `TokenStore` holds every sample's token ids (int32, one image token per image: expanded only when a batch is
-built) and trained flags in two flat arrays with an offset per sample, ~1.5 KB for a typical LLaVA-1.5 sample
+built), trained flags and the token count of each image (one number per image: anyres images differ) in flat arrays
+with offsets per sample, ~1.5 KB for a typical LLaVA-1.5 sample
 instead of ~62 KB as expanded Python lists. On disk it is three `.npy` files read back memory-mapped, beside the
 samples' ids, locations and image paths (JSON lines) and the problems of the invalid ones.
 
@@ -35,44 +36,46 @@ from llava.utils.memory import memory_line
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when what is stored, or how samples are tokenized, changes
+CACHE_FORMAT = 3  # bump when what is stored, or how samples are tokenized, changes
 _COMPLETE = "complete.json"
-_ARRAYS = ("input_ids", "trained", "offsets", "lengths")
+_ARRAYS = ("input_ids", "trained", "offsets", "lengths", "image_tokens", "image_offsets")
 
 
 class TokenStore:
-    """Token ids and trained flags of N samples in flat arrays; `store[i]` is sample i's (input_ids, trained).
+    """Token ids, trained flags and image token counts of N samples in flat arrays; `store[i]` is sample i's
+    (input_ids, trained, image_tokens).
 
     `lengths[i]` is sample i's length with image tokens expanded, for length-grouped batching.
     """
 
-    def __init__(self, input_ids: np.ndarray, trained: np.ndarray, offsets: np.ndarray, lengths: np.ndarray):
+    def __init__(self, input_ids: np.ndarray, trained: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+                 image_tokens: np.ndarray, image_offsets: np.ndarray):
         self.input_ids, self.trained, self.offsets, self.lengths = input_ids, trained, offsets, lengths
+        self.image_tokens, self.image_offsets = image_tokens, image_offsets
 
     @classmethod
     def from_samples(cls, encoded: list[dict[str, np.ndarray]], lengths: list[int]) -> TokenStore:
-        sizes = np.fromiter((len(e["input_ids"]) for e in encoded), dtype=np.int64, count=len(encoded))
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        input_ids = np.concatenate([e["input_ids"] for e in encoded]) if encoded else np.zeros(0, np.int32)
-        trained = np.concatenate([e["trained"] for e in encoded]) if encoded else np.zeros(0, bool)
-        return cls(input_ids.astype(np.int32), trained.astype(bool), offsets, np.asarray(lengths, dtype=np.int32))
+        input_ids, offsets = _flat([e["input_ids"] for e in encoded], np.int32)
+        trained, _ = _flat([e["trained"] for e in encoded], bool)
+        image_tokens, image_offsets = _flat([e["image_tokens"] for e in encoded], np.int32)
+        return cls(input_ids, trained, offsets, np.asarray(lengths, dtype=np.int32), image_tokens, image_offsets)
 
     @classmethod
     def concatenate(cls, stores: list[TokenStore]) -> TokenStore:
         if not stores:
             return cls.from_samples([], [])
-        ends = np.cumsum([len(store.input_ids) for store in stores])
-        offsets = [stores[0].offsets[:1]] + [store.offsets[1:] + (end - len(store.input_ids))
-                                             for store, end in zip(stores, ends)]
         return cls(np.concatenate([s.input_ids for s in stores]), np.concatenate([s.trained for s in stores]),
-                   np.concatenate(offsets), np.concatenate([s.lengths for s in stores]))
+                   _joined_offsets([s.offsets for s in stores]), np.concatenate([s.lengths for s in stores]),
+                   np.concatenate([s.image_tokens for s in stores]),
+                   _joined_offsets([s.image_offsets for s in stores]))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         start, end = self.offsets[index], self.offsets[index + 1]
-        return self.input_ids[start:end], self.trained[start:end]
+        first, last = self.image_offsets[index], self.image_offsets[index + 1]
+        return self.input_ids[start:end], self.trained[start:end], self.image_tokens[first:last]
 
     def save(self, folder: str) -> None:
         for name in _ARRAYS:
@@ -82,6 +85,19 @@ class TokenStore:
     def load(cls, folder: str) -> TokenStore:
         """Memory-mapped: pages are read on use and shared by every process of the node."""
         return cls(*(np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r") for name in _ARRAYS))
+
+
+def _flat(arrays: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """`arrays` back to back (of `dtype`), and the offset where each starts (plus the total at the end)."""
+    sizes = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    flat = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+    return flat, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def _joined_offsets(parts: list[np.ndarray]) -> np.ndarray:
+    """The offsets of flat arrays laid back to back, each part's `[0, ..., total]` shifted by the totals before it."""
+    shifts = np.concatenate([[0], np.cumsum([part[-1] for part in parts])[:-1]])
+    return np.concatenate([parts[0][:1]] + [part[1:] + shift for part, shift in zip(parts, shifts)])
 
 
 @dataclass

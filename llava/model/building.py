@@ -1,17 +1,21 @@
 """Building the model to train: a new LLaVA assembled from a pretrained vision tower and causal LM, or a LLaVA
-checkpoint loaded (optionally with its LM quantized, see `llava.model.quantization`)."""
+checkpoint loaded (optionally with its LM quantized, see `llava.model.quantization`); either turned into a LLaVA-NeXT
+model when its processor is anyres (`as_llava_next`)."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
-from transformers import (AutoModel, AutoModelForCausalLM, BitsAndBytesConfig, LlavaConfig, LlavaProcessor,
-                          PreTrainedModel)
+from transformers import (AutoModel, AutoModelForCausalLM, BitsAndBytesConfig, LlavaConfig, LlavaNextConfig,
+                          LlavaNextProcessor, LlavaProcessor, PreTrainedModel)
 
 from llava.data.types import IGNORE_INDEX, ConfigurationError
+from llava.model.anyres import AnyresImageTokens
 from llava.model.components import components
-from llava.model.modeling import LlavaForConditionalGeneration, LlavaProjector
+from llava.model.modeling import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaProjector,
+                                  LlavaTraining, model_class)
 from llava.model.processor import tower_config
 from llava.model.quantization import load_quantized
 from llava.model.sharding import parameters_sharded, without_zero3_init
@@ -103,12 +107,47 @@ def _untie_output_embeddings(lm: PreTrainedModel) -> None:
 
 def load_llava(path: str, *, dtype: str = "float32", attn_implementation: str | None = None,
                trust_remote_code: bool = False, quantization: BitsAndBytesConfig | None = None
-               ) -> LlavaForConditionalGeneration:
-    """Load a LLaVA checkpoint (ours or llava-hf), optionally with its LM quantized (`llava.model.quantization`)."""
+               ) -> LlavaTraining:
+    """Load a LLaVA or LLaVA-NeXT checkpoint (ours or llava-hf), optionally with its LM quantized
+    (`llava.model.quantization`)."""
     kwargs = _load_kwargs(dtype, attn_implementation, trust_remote_code)
     if quantization is None:
-        return LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+        return model_class(path).from_pretrained(path, **kwargs)
     return load_quantized(path, quantization, **kwargs)
+
+
+def as_llava_next(model: LlavaTraining, processor: LlavaNextProcessor) -> LlavaNextForConditionalGeneration:
+    """`model` as a LLaVA-NeXT model tiling images as `processor` does (unchanged when it is one already): the same
+    tower, projector, LM and lm_head moved into a `LlavaNextForConditionalGeneration` built on the meta device, and a
+    new `image_newline` (normal, std 1/sqrt(hidden), as transformers initialises it; it trains with the projector).
+
+    Why a move and not a copy: a stage 2 that starts LLaVA-NeXT from a `llava` stage-1 output (or a new model)
+    keeps every pretrained weight, and never holds a second full-size model.
+    """
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        return model
+    old = model.config
+    config = LlavaNextConfig(
+        vision_config=old.vision_config, text_config=old.text_config, image_token_index=old.image_token_id,
+        image_grid_pinpoints=processor.image_processor.image_grid_pinpoints,
+        vision_feature_layer=old.vision_feature_layer,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        projector_hidden_act=old.projector_hidden_act, multimodal_projector_bias=old.multimodal_projector_bias,
+        tie_word_embeddings=old.tie_word_embeddings, image_seq_length=AnyresImageTokens(processor).tokens_per_image,
+        pad_token_id=getattr(old, "pad_token_id", None))
+    with without_zero3_init():
+        with torch.device("meta"):
+            next_model = LlavaNextForConditionalGeneration(config)
+        for name in ("vision_tower", "multi_modal_projector", "language_model"):
+            setattr(next_model.model, name, getattr(model.model, name))
+        next_model.lm_head = model.lm_head
+        hidden = config.text_config.hidden_size
+        head = model.lm_head.weight
+        next_model.model.image_newline = torch.nn.Parameter(
+            torch.randn(hidden, dtype=head.dtype, device=head.device) / math.sqrt(hidden))
+    next_model.generation_config = model.generation_config
+    next_model.name_or_path = model.name_or_path
+    return next_model
 
 
 def check_exact_packing(model: torch.nn.Module) -> None:

@@ -7,12 +7,27 @@ import torch
 from transformers import PreTrainedModel
 
 
+class _ProjectorGroup(torch.nn.Module):
+    """LLaVA-NeXT's projector with its `image_newline` vector, as one part (not attached to the model: the weights
+    keep their places and names).
+
+    Why: the newline is new in a LLaVA-NeXT made from a LLaVA-1.5 model and is what maps image rows into the LM, as
+    the projector does: it must freeze, train and take --projector_lr with it, and be counted in its table row."""
+
+    def __init__(self, projector: torch.nn.Module, image_newline: torch.nn.Parameter):
+        super().__init__()
+        self.projector = projector
+        self.image_newline = image_newline
+
+
 def components(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
     """The four parts that freeze flags and the parameter table talk about (of the base model, under peft)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    projector = model.model.multi_modal_projector
+    newline = getattr(model.model, "image_newline", None)
     return {
         "vision_tower": model.model.vision_tower,
-        "projector": model.model.multi_modal_projector,
+        "projector": projector if newline is None else _ProjectorGroup(projector, newline),
         "language_model": model.model.language_model,
         "lm_head": model.lm_head,
     }

@@ -26,11 +26,13 @@ from llava.utils.files import update_json
 # In-memory (5.x) prefix -> llava-hf name on disk. The vision tower's entry gets the tower class's own legacy
 # prefix (`vision_model.` for CLIP/SigLIP), see `_hub_tower_prefix`.
 _HUB_PREFIXES = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
-                 "model.multi_modal_projector.": "multi_modal_projector.", "model.vision_tower.": "vision_tower."}
+                 "model.multi_modal_projector.": "multi_modal_projector.", "model.vision_tower.": "vision_tower.",
+                 "model.image_newline": "image_newline"}  # LLaVA-NeXT's newline vector (a tensor, not a module)
 # llava-hf name -> in-memory name, for loading (`from_pretrained(key_mapping=...)`). transformers' own mapping of the
 # tower class then drops `vision_model.` where the 5.x class has no such submodule.
 FROM_HUB = {r"^language_model\.model\.": "model.language_model.", r"^language_model\.lm_head\.": "lm_head.",
-            r"^vision_tower\.": "model.vision_tower.", r"^multi_modal_projector\.": "model.multi_modal_projector."}
+            r"^vision_tower\.": "model.vision_tower.", r"^multi_modal_projector\.": "model.multi_modal_projector.",
+            r"^image_newline$": "model.image_newline"}
 
 
 # --------------------------------------------------------------------------------------------- weights

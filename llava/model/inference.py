@@ -13,8 +13,8 @@ from llava.data.encoder import ConversationEncoder
 from llava.data.types import Message
 from llava.model.final_output import check_final_output
 from llava.model.lora import is_adapter_checkpoint, load_merged_model
-from llava.model.modeling import LlavaForConditionalGeneration
-from llava.model.processor import image_token_count
+from llava.model.modeling import model_class
+from llava.model.processor import image_tokens
 
 
 @dataclass
@@ -37,7 +37,7 @@ def load_for_inference(path: str, dtype: str = "float32"):
     if is_adapter_checkpoint(path):
         model, processor = load_merged_model(path, getattr(torch, dtype))
     else:
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = model_class(path).from_pretrained(path, dtype=getattr(torch, dtype))
         processor = AutoProcessor.from_pretrained(path)
     return model.eval(), processor
 
@@ -53,13 +53,14 @@ class Answerer:
     def __init__(self, model, processor: ProcessorMixin, max_new_tokens: int = 32):
         self.model = model
         self.processor = processor
-        self.encoder = ConversationEncoder(processor, max_length=1 << 30, tokens_per_image=image_token_count(processor))
+        self.encoder = ConversationEncoder(processor, max_length=1 << 30, image_tokens=image_tokens(processor))
         self.max_new_tokens = max_new_tokens
 
     @torch.no_grad()
     def answer(self, conversations: list[list[Message]], images: list[list[Image.Image]]) -> list[str]:
         """One answer per conversation; `images[i]` fills conversation i's placeholders in order."""
-        prompts = [self.encoder.prompt_ids(messages) for messages in conversations]
+        prompts = [self.encoder.prompt_ids(messages, [(image.height, image.width) for image in sample_images])
+                   for messages, sample_images in zip(conversations, images)]
         tokenizer = self.processor.tokenizer
         length = max(len(prompt) for prompt in prompts)
         input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
@@ -70,8 +71,10 @@ class Answerer:
         inputs = {"input_ids": input_ids.to(self.model.device), "attention_mask": attention_mask.to(self.model.device)}
         flat_images = [image for sample_images in images for image in sample_images]
         if flat_images:
-            pixel_values = self.processor.image_processor(images=flat_images, return_tensors="pt")["pixel_values"]
-            inputs["pixel_values"] = pixel_values.to(self.model.device, self.model.dtype)
+            processed = self.processor.image_processor(images=flat_images, return_tensors="pt")
+            inputs["pixel_values"] = processed["pixel_values"].to(self.model.device, self.model.dtype)
+            if "image_sizes" in processed:  # anyres: each image's size decides its grid
+                inputs["image_sizes"] = processed["image_sizes"].to(self.model.device)
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
         new_tokens = output[:, length:]

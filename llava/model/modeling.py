@@ -1,4 +1,5 @@
-"""The LLaVA model class: transformers' `LlavaForConditionalGeneration` with a loss computed only on trained tokens.
+"""The LLaVA model classes: transformers' `LlavaForConditionalGeneration` and `LlavaNextForConditionalGeneration`
+(anyres, see `llava.model.anyres`) with a loss computed only on trained tokens; what they share is `LlavaTraining`.
 
 Layout in memory (transformers 5.x): `model.model.vision_tower` (CLIP/SigLIP/DINOv2 vision model),
 `model.model.multi_modal_projector` (linear_1 -> act -> linear_2), `model.model.language_model` (the LM's
@@ -14,11 +15,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch.utils.checkpoint import checkpoint
-from transformers import LlavaConfig
+from transformers import LlavaConfig, LlavaNextConfig
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from transformers.utils.generic import is_flash_attention_requested
 
 from llava.data.types import IGNORE_INDEX
@@ -48,11 +50,13 @@ class LlavaProjector(LlavaMultiModalProjector):
         return super().forward(image_features.to(self.linear_1.weight.dtype))
 
 
-class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
-    """transformers' LLaVA with a training loss computed only where labels are not -100.
+class LlavaTraining:
+    """What this project adds to transformers' LLaVA classes (mixed in before them): a training loss computed only
+    where labels are not -100, loading and saving in the llava-hf layout.
 
     Same weights, config and `architectures` name as the upstream class, so checkpoints load with plain
-    transformers. Without `labels` it is the upstream forward (generation, inference).
+    transformers. Without `labels` it is the upstream forward (generation, inference). A subclass says how its
+    model encodes images (`_image_features`) and what a blank image is (`_blank_image`).
 
     Why: the upstream loss projects every position to the full vocabulary; in LLaVA data most positions are
     image tokens, prompts and padding whose labels are -100. Projecting only the trained positions gives
@@ -95,10 +99,6 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
             add_legacy_rope_fields(os.path.join(save_directory, "config.json"))
             follow_umask(save_directory)
 
-    def __init__(self, config: LlavaConfig):
-        super().__init__(config)
-        self.model.multi_modal_projector = LlavaProjector(config)
-
     def post_init(self) -> None:
         """Keep only the no-split (FSDP wrap) layer classes that exist in this model.
 
@@ -134,7 +134,9 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
                 if hasattr(module, "gradient_checkpointing"):
                     module.gradient_checkpointing = False
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, image_sizes=None, **kwargs):
+        if image_sizes is not None:  # LLaVA-NeXT's; named here, where `generate` looks for the inputs it may pass
+            kwargs["image_sizes"] = image_sizes
         if labels is None:
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                    **kwargs)
@@ -151,7 +153,8 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
         varlen = self._flash_varlen_kwargs(kwargs.get("position_ids"))
         kwargs.update(varlen)
         if self._encodes_images_first(pixel_values) or (varlen and pixel_values is not None):
-            kwargs["inputs_embeds"] = self._embed_with_image_features(input_ids, pixel_values)
+            kwargs["inputs_embeds"] = self._embed_with_image_features(input_ids, pixel_values,
+                                                                      kwargs.pop("image_sizes", None))
             input_ids = pixel_values = None
         prefix = self._shared_prefix_length(input_ids, attention_mask, targets, kwargs)
         if prefix:
@@ -266,23 +269,71 @@ class LlavaForConditionalGeneration(transformers.LlavaForConditionalGeneration):
                 and not any(p.requires_grad for part in (self.model.language_model, self.lm_head)
                             for p in part.parameters()))
 
-    def _embed_with_image_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def _embed_with_image_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                                   image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """The LM's input embeddings with the projected image features in the image-token positions, computed in
         one fixed module order: embeddings, then the tower and projector, then the merge (see
         `_encodes_images_first`). A text-only batch encodes one blank image and adds 0 x its features, which
         changes neither the loss nor any gradient but gives every batch the same graph in both directions."""
         embeddings = self.get_input_embeddings()(input_ids)  # (B, T, H)
-        images = pixel_values if pixel_values is not None else self._blank_image(embeddings.device)
-        features = self.model.get_image_features(
-            pixel_values=images, vision_feature_layer=self.config.vision_feature_layer,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy).pooler_output
+        blank = pixel_values is None
+        if blank:
+            pixel_values, image_sizes = self._blank_image(embeddings.device)
+        features = self._image_features(pixel_values, image_sizes)
         features = torch.cat(features, dim=0).to(embeddings.device, embeddings.dtype)  # (images x tokens, H)
-        if pixel_values is None:
+        if blank:
             return embeddings + 0.0 * features.sum()
         mask = self.model.get_placeholder_mask(input_ids, inputs_embeds=embeddings, image_features=features)
         return embeddings.masked_scatter(mask, features)
 
-    def _blank_image(self, device: torch.device) -> torch.Tensor:
+
+def model_class(path_or_config) -> type[LlavaTraining]:
+    """The class of the LLaVA checkpoint at `path_or_config` (or of its config), by `model_type`: llava or
+    llava_next."""
+    config = transformers.AutoConfig.from_pretrained(path_or_config) if isinstance(path_or_config, str) \
+        else path_or_config
+    model_type = config.model_type
+    return LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
+
+
+class LlavaForConditionalGeneration(LlavaTraining, transformers.LlavaForConditionalGeneration):
+    """transformers' LLaVA (LLaVA-1.5: one tower-sized view per image) with this project's training loss and
+    on-disk format (`LlavaTraining`)."""
+
+    def __init__(self, config: LlavaConfig):
+        super().__init__(config)
+        self.model.multi_modal_projector = LlavaProjector(config)
+
+    def _image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+        """Projected features of each image, (tokens, H) each."""
+        return self.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy).pooler_output
+
+    def _blank_image(self, device: torch.device) -> tuple[torch.Tensor, None]:
         vision = self.config.vision_config
         return torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size, device=device,
-                           dtype=self.model.vision_tower.dtype)
+                           dtype=self.model.vision_tower.dtype), None
+
+
+class LlavaNextForConditionalGeneration(LlavaTraining, transformers.LlavaNextForConditionalGeneration):
+    """transformers' LLaVA-NeXT (anyres tiles, `image_newline` after each row of features, see
+    `llava.model.anyres`) with this project's training loss and on-disk format (`LlavaTraining`)."""
+
+    def __init__(self, config: LlavaNextConfig):
+        super().__init__(config)
+        self.model.multi_modal_projector = LlavaProjector(config)
+
+    def _image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """Projected, packed features of each image (its tiles unpadded, newlines, base view), (tokens, H) each."""
+        return self.model.get_image_features(
+            pixel_values=pixel_values, image_sizes=image_sizes, vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy).pooler_output
+
+    def _blank_image(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One blank tower-sized image: its tiles on the grid, and its size."""
+        vision = self.config.vision_config
+        size = [vision.image_size, vision.image_size]
+        tiles = image_size_to_num_patches(size, self.config.image_grid_pinpoints, vision.image_size)
+        pixels = torch.zeros(1, tiles, vision.num_channels, *size, device=device, dtype=self.model.vision_tower.dtype)
+        return pixels, torch.tensor([size], device=device)

@@ -14,9 +14,11 @@ import os
 import torch
 from PIL import Image
 from transformers import (AddedToken, AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer,
-                          LlavaImageProcessor, LlavaProcessor, ProcessorMixin)
+                          LlavaImageProcessor, LlavaNextProcessor, LlavaProcessor, ProcessorMixin)
 
+from llava.data.image_tokens import ImageTokens
 from llava.data.types import ConfigurationError
+from llava.model.anyres import AnyresImageTokens, anyres_processor, check_tower
 from llava.model.final_output import check_final_output
 from llava.model.sharding import without_zero3_init
 
@@ -199,8 +201,10 @@ def multimodal_chat_template(lm_template: str, image_token: str) -> str:
 def build_processor(vision_model: str, language_model: str, *, image_token: str = "<image>",
                     chat_template: str | None = None, image_aspect_ratio: str | None = None,
                     vision_feature_layer: int = -2, vision_feature_select_strategy: str | None = None,
-                    trust_remote_code: bool = False) -> LlavaProcessor:
-    """A `LlavaProcessor` for a new model: the LM's tokenizer (plus the image token), the tower's image processor.
+                    trust_remote_code: bool = False, architecture: str = "llava",
+                    image_grid_pinpoints: list[list[int]] | None = None) -> LlavaProcessor | LlavaNextProcessor:
+    """A `LlavaProcessor` for a new model: the LM's tokenizer (plus the image token), the tower's image processor;
+    for `architecture` "llava_next" the `LlavaNextProcessor` tiling it on `image_grid_pinpoints` (`anyres_processor`).
 
     `patch_size`, `num_additional_image_tokens` and `vision_feature_select_strategy` are set so that one
     image token expands to exactly as many tokens as the projector emits; the chat template is the LM's own
@@ -231,6 +235,9 @@ def build_processor(vision_model: str, language_model: str, *, image_token: str 
         )
     vision_config = tower_config(vision_model, trust_remote_code)
     check_vision_feature_layer(vision_config, vision_feature_layer, vision_model)
+    if architecture == "llava_next" and image_aspect_ratio:
+        raise ConfigurationError(f"--image_aspect_ratio {image_aspect_ratio} is LLaVA-1.5's preprocessing; "
+                                 "--architecture llava_next keeps every image's aspect ratio on its grid. Drop it.")
     image_processor = AutoImageProcessor.from_pretrained(vision_model, trust_remote_code=trust_remote_code)
     image_processor = apply_image_aspect_ratio(image_processor, image_aspect_ratio)
     extra_tokens = _extra_vision_tokens(vision_config, *processed_image_size(image_processor))
@@ -238,11 +245,44 @@ def build_processor(vision_model: str, language_model: str, *, image_token: str 
     if strategy == "default" and extra_tokens == 0:
         logger.warning("vision_feature_select_strategy='default' drops the first token, but %s has no CLS token: "
                        "a real patch is dropped. Use --vision_feature_select_strategy full.", vision_model)
-    return LlavaProcessor(
+    processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
         vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
         image_token=image_token, chat_template=multimodal_chat_template(lm_template, image_token),
     )
+    return with_architecture(processor, vision_config, architecture, image_grid_pinpoints, vision_model)
+
+
+def with_architecture(processor: ProcessorMixin, vision_config, architecture: str | None,
+                      image_grid_pinpoints: list[list[int]] | None, where: str) -> ProcessorMixin:
+    """`processor` for `architecture` (None: as it is): a LLaVA-1.5 one turned into LLaVA-NeXT's (a new model, or
+    stage 2 of a `llava` stage-1 output), or unchanged. `where` names the model in errors.
+
+    Raises:
+        ConfigurationError: LLaVA-NeXT back to LLaVA-1.5, --image_grid_pinpoints for a checkpoint that has its grid
+            or for `llava`, or a tower LLaVA-NeXT cannot tile (`check_tower`).
+    """
+    anyres = isinstance(processor, LlavaNextProcessor)
+    if architecture == "llava" and anyres:
+        raise ConfigurationError(f"{where} is a LLaVA-NeXT (llava_next) model; --architecture llava cannot drop its "
+                                 "grid. Drop --architecture to continue it as llava_next.")
+    if image_grid_pinpoints and (anyres or architecture != "llava_next"):
+        raise ConfigurationError(f"--image_grid_pinpoints sets the grid of a new llava_next model; {where} "
+                                 + ("keeps its own grid (its preprocessor_config.json): drop the flag." if anyres else
+                                    "is not one: add --architecture llava_next, or drop the flag."))
+    if architecture != "llava_next" or anyres:
+        return processor
+    processor = anyres_processor(processor, processed_image_size(processor.image_processor), image_grid_pinpoints)
+    check_tower(vision_config, processor, where)
+    return processor
+
+
+def image_tokens(processor: ProcessorMixin) -> ImageTokens:
+    """What each image placeholder becomes: per image size for LLaVA-NeXT, else one fixed count
+    (`image_token_count`). Computed once per run and handed on (encoder, checking, dataset, cache key)."""
+    if isinstance(processor, LlavaNextProcessor):
+        return AnyresImageTokens(processor)
+    return ImageTokens(image_token_count(processor))
 
 
 def image_token_count(processor: ProcessorMixin) -> int:
@@ -254,13 +294,17 @@ def image_token_count(processor: ProcessorMixin) -> int:
     return int(sum(1 for i in encoded["input_ids"][0] if i == processor.image_token_id))
 
 
-def load_processor(path: str, *, chat_template: str | None = None, trust_remote_code: bool = False
+def load_processor(path: str, *, chat_template: str | None = None, trust_remote_code: bool = False,
+                   architecture: str | None = None, image_grid_pinpoints: list[list[int]] | None = None
                    ) -> ProcessorMixin:
     """The processor of a LLaVA checkpoint (refused when half-published, see `check_final_output`), its chat
     template replaced by `chat_template` when given (e.g. llava-hf checkpoints, whose template ends answers with no
-    end-of-turn token)."""
+    end-of-turn token), for `architecture` (None: the checkpoint's; see `with_architecture`)."""
     check_final_output(path)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     if chat_template:
         processor.chat_template = multimodal_chat_template(read_chat_template(chat_template), processor.image_token)
-    return processor
+    if architecture is None and not image_grid_pinpoints:
+        return processor
+    vision_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).vision_config
+    return with_architecture(processor, vision_config, architecture, image_grid_pinpoints, path)

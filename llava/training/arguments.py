@@ -18,6 +18,7 @@ import torch
 from transformers import TrainingArguments
 
 from llava.model.processor import check_chat_template_path
+from llava.training.architecture_arguments import ArchitectureArguments
 from llava.training.distributed import keeping_started_state, start_deepspeed_on_cpu
 from llava.training.trainable_weights import CheckpointWeightsArguments
 from llava.utils.files import cache_root
@@ -31,9 +32,9 @@ QUANT_TYPE_CHOICES = ["nf4", "fp4"]
 
 
 @dataclass
-class ProcessorArguments:
+class ProcessorArguments(ArchitectureArguments):
     """Where the model comes from, and how its processor turns text and images into tokens: one LLaVA checkpoint,
-    or a vision tower plus a language model. All that checking or showing data needs (no weights load)."""
+    or a vision tower plus a language model, and the architecture. All that checking or showing data needs."""
 
     model_name_or_path: str | None = field(
         default=None,
@@ -82,6 +83,7 @@ class ProcessorArguments:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_chat_template_path(self.chat_template)
         parts = [self.vision_model_name_or_path, self.language_model_name_or_path]
         if self.model_name_or_path and any(parts):
@@ -96,10 +98,8 @@ class ProcessorArguments:
                 "preprocessor_config.json). Drop the flag to continue as before, or assemble a new model with it."
             )
         if not self.model_name_or_path and not all(parts):
-            raise ValueError(
-                "No model given: pass --model_name_or_path DIR (a LLaVA checkpoint), or both "
-                "--vision_model_name_or_path and --language_model_name_or_path to assemble a new one."
-            )
+            raise ValueError("No model given: pass --model_name_or_path DIR (a LLaVA checkpoint), or both "
+                             "--vision_model_name_or_path and --language_model_name_or_path to assemble a new one.")
 
     @property
     def assembles_new_model(self) -> bool:
@@ -184,7 +184,6 @@ class DataSourceArguments:
         default=False,
         metadata={"help": "Accept absolute image paths and paths leaving --image_folder (off: data is untrusted)."},
     )
-
     decode_images: bool | None = field(
         default=None,
         metadata={"help": "Check every image by decoding it fully (finds truncated pixel data and formats this "
@@ -400,9 +399,9 @@ class LlavaTrainingArguments(CheckpointWeightsArguments, TrainingArguments):
           runs on its CPU accelerator instead, over gloo (started in `_setup_devices`).
         - --ddp_find_unused_parameters unset: True only when the vision tower trains (also partly: an N of
           --vision_tune_last_n_layers covering every feeding layer trains it whole), because its layers after
-          --vision_feature_layer and its final norm never get a gradient; transformers' default (False under
-          gradient checkpointing) then fails at the second step. Every other trainable weight is used at every step
-          (text-only batches too, see `LlavaForConditionalGeneration._encodes_images_first`), so DDP skips the search.
+          --vision_feature_layer and its final norm never get a gradient; transformers' default (False under gradient
+          checkpointing) then fails at the second step. Every other trainable weight is used at every step (text-only
+          batches too, see `LlavaTraining._encodes_images_first`), so DDP skips the search.
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self._deepspeed_on_cpu = False

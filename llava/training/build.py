@@ -8,14 +8,15 @@ import os
 
 import torch
 from peft import PeftModel
-from transformers import ProcessorMixin
+from transformers import LlavaNextProcessor, ProcessorMixin
 
-from llava.model.building import assemble_llava, load_llava
+from llava.data.types import ConfigurationError
+from llava.model.building import as_llava_next, assemble_llava, load_llava
 from llava.model.components import set_trainable
 from llava.model.hub_format import save_processor
 from llava.model.lora import add_adapters
 from llava.model.mlp_recompute import recompute_mlp_activations
-from llava.model.modeling import LlavaForConditionalGeneration
+from llava.model.modeling import LlavaForConditionalGeneration, LlavaTraining
 from llava.model.processor import build_processor, image_token_count, load_processor
 from llava.model.quantization import quantization_config
 from llava.model.vision_layers import train_last_vision_layers
@@ -29,36 +30,57 @@ def processor_for(args: ProcessorArguments) -> ProcessorMixin:
     """The processor of the checkpoint being continued, or a new one for a model assembled from parts."""
     if not args.assembles_new_model:
         return load_processor(args.model_name_or_path, chat_template=args.chat_template,
-                              trust_remote_code=args.trust_remote_code)
+                              trust_remote_code=args.trust_remote_code, architecture=args.architecture,
+                              image_grid_pinpoints=args.grid_pinpoints)
     return build_processor(
         args.vision_model_name_or_path, args.language_model_name_or_path, image_token=args.image_token,
         chat_template=args.chat_template, image_aspect_ratio=args.image_aspect_ratio,
         vision_feature_layer=args.vision_feature_layer,
-        vision_feature_select_strategy=args.vision_feature_select_strategy, trust_remote_code=args.trust_remote_code)
+        vision_feature_select_strategy=args.vision_feature_select_strategy, trust_remote_code=args.trust_remote_code,
+        architecture=args.architecture or "llava", image_grid_pinpoints=args.grid_pinpoints)
 
 
-def base_model_for(args: ModelArguments, processor: ProcessorMixin, tokens_per_image: int | None = None
-                   ) -> LlavaForConditionalGeneration:
-    """The LLaVA checkpoint being continued, or a new one assembled from parts (full precision, all trainable).
+def check_architecture_flags(processor: ProcessorMixin, lora_args: LoraArguments,
+                             training_args: LlavaTrainingArguments) -> None:
+    """Refuse what LLaVA-NeXT models do not support yet, before any weights load.
 
-    `tokens_per_image` is the processor's `image_token_count`, computed here when not given."""
+    Why each: LoRA keeps fully trained parts as peft `modules_to_save`, modules only, so `image_newline` (a bare
+    tensor) would neither train with the projector nor reach the adapter checkpoints. `--checkpoint_weights
+    trainable` resumes by rebuilding the frozen weights from the start model, which for a llava_next model made from
+    a llava checkpoint lacks the newline it was given (a new random one would replace it).
+    """
+    if not isinstance(processor, LlavaNextProcessor):
+        return
+    if lora_args.lora_enable:
+        raise ConfigurationError("--lora_enable True is not supported with --architecture llava_next (LoRA would not "
+                                 "train or save LLaVA-NeXT's image_newline with the projector): train it in full "
+                                 "(the --freeze_* flags say what trains), or use --architecture llava.")
+    if training_args.checkpoint_weights == "trainable":
+        raise ConfigurationError("--checkpoint_weights trainable is not supported with --architecture llava_next (a "
+                                 "resume would rebuild LLaVA-NeXT's image_newline from a start model that may not "
+                                 "have it): use --checkpoint_weights full.")
+
+
+def base_model_for(args: ModelArguments, processor: ProcessorMixin) -> LlavaTraining:
+    """The LLaVA checkpoint being continued, or a new one assembled from parts (full precision, all trainable); a
+    LLaVA-NeXT one when the processor is (`as_llava_next`: a new model, or a `llava` checkpoint continued so)."""
     if not args.assembles_new_model:
-        return load_llava(args.model_name_or_path, **args.load_kwargs)
-    if tokens_per_image is None:
-        tokens_per_image = image_token_count(processor)
-    return assemble_llava(args.vision_model_name_or_path, args.language_model_name_or_path, processor,
-                          tokens_per_image, vision_feature_layer=args.vision_feature_layer,
-                          projector_hidden_act=args.projector_hidden_act, **args.load_kwargs)
+        model = load_llava(args.model_name_or_path, **args.load_kwargs)
+    else:
+        model = assemble_llava(args.vision_model_name_or_path, args.language_model_name_or_path, processor,
+                               image_token_count(processor), vision_feature_layer=args.vision_feature_layer,
+                               projector_hidden_act=args.projector_hidden_act, **args.load_kwargs)
+    return as_llava_next(model, processor) if isinstance(processor, LlavaNextProcessor) else model
 
 
 def model_for_training(model_args: ModelArguments, lora_args: LoraArguments, training_args: LlavaTrainingArguments,
-                       processor: ProcessorMixin, tokens_per_image: int) -> torch.nn.Module:
+                       processor: ProcessorMixin) -> torch.nn.Module:
     """The model to train: full weights frozen per component, or (--lora_enable) a frozen base, its LM quantized
     with --load_in_4bit/8bit, carrying adapters next to the fully trained unfrozen components."""
     if lora_args.lora_enable:
-        model = lora_base_model(model_args, training_args, processor, tokens_per_image)
+        model = lora_base_model(model_args, training_args, processor)
     else:
-        model = base_model_for(model_args, processor, tokens_per_image)
+        model = base_model_for(model_args, processor)
     model = trainable_model(model, lora_args, training_args)
     # --gradient_checkpointing: the Trainer switches it on, through `LlavaForConditionalGeneration`'s overrides
     # (only the LM's embeddings made to require grad; a frozen tower is not checkpointed).
@@ -104,7 +126,7 @@ def training_dtype(args: LlavaTrainingArguments) -> torch.dtype:
 
 
 def lora_base_model(model_args: ModelArguments, training_args: LlavaTrainingArguments, processor: ProcessorMixin,
-                    tokens_per_image: int) -> LlavaForConditionalGeneration:
+                    ) -> LlavaForConditionalGeneration:
     """The base LLaVA that a LoRA run's adapters go on (its LM quantized for QLoRA).
 
     Adapter checkpoints name their base by path, so the base must exist on disk in full precision: a model
@@ -117,7 +139,7 @@ def lora_base_model(model_args: ModelArguments, training_args: LlavaTrainingArgu
                                            model_args.bnb_4bit_quant_type, model_args.bnb_4bit_use_double_quant)
     if model_args.assembles_new_model:
         base_path = os.path.join(training_args.output_dir, BASE_SUBFOLDER)
-        model = base_model_for(model_args, processor, tokens_per_image)
+        model = base_model_for(model_args, processor)
         with training_args.main_process_first(desc="saving the base model for the adapters"):
             if training_args.should_save:
                 model.save_pretrained(base_path)

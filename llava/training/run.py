@@ -16,14 +16,15 @@ from transformers import TrainerCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from llava.data.dataset import LlavaDataset, build_dataset
+from llava.data.image_tokens import ImageTokens
 from llava.data.mixture import RECORD_NAME, Mixture, apply_mixture, check_resumed_mixture, write_record
 from llava.data.packing import planned_batches
 from llava.data.records import load_samples
 from llava.model.building import check_exact_packing
 from llava.model.final_output import finish_interrupted_publish
 from llava.model.lora import ADAPTER_SUBFOLDER
-from llava.model.processor import image_token_count
-from llava.training.build import model_for_training, processor_for
+from llava.model.processor import image_tokens
+from llava.training.build import check_architecture_flags, model_for_training, processor_for
 from llava.training.callbacks import OffsetTensorBoardCallback, SampleAnswersCallback, write_flags_text
 from llava.training.checkpoints import resolve_resume_checkpoint
 from llava.training.distributed import decided_by_main_process
@@ -47,12 +48,13 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
 
     # Data is checked with the processor alone, before any weights load: a bad sample costs seconds, not a 7B load.
     processor = processor_for(model_args)
-    tokens_per_image = image_token_count(processor)
+    check_architecture_flags(processor, lora_args, training_args)
+    tokens = image_tokens(processor)
     # Each node's local rank 0 checks and tokenizes (or reads the cache); the node's other processes then read its
     # cache. The mixture's amounts are applied after (the cache serves every amount); the report is printed once.
     with training_args.main_process_first(local=True, desc="checking and tokenizing the data"), \
             _reports_only_where_logged(training_args):
-        train_dataset = checked_dataset(data_args, mixture, processor, tokens_per_image)
+        train_dataset = checked_dataset(data_args, mixture, processor, tokens)
         train_dataset, mixture_record = apply_mixture(mixture, train_dataset, data_seed(training_args))
     logger.info("%d training samples from %s (%s)", len(train_dataset), ", ".join(mixture.paths), memory_line())
     # Which checkpoint a resume continues is decided here, once, so that its data mixture (and, for one holding only
@@ -73,7 +75,7 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
         callbacks.append(SampleAnswersCallback(samples, data_args.sample_image_folder or data_args.image_folder,
                                                processor, max_image_pixels=data_args.max_image_pixels))
 
-    model = model_for_training(model_args, lora_args, training_args, processor, tokens_per_image)
+    model = model_for_training(model_args, lora_args, training_args, processor)
     logger.info("Model ready (%s)", memory_line())
     if training_args.packing:
         check_exact_packing(model)
@@ -100,9 +102,9 @@ def train(args: RunArguments, mixture: Mixture, callbacks: list[TrainerCallback]
     return trainer
 
 
-def checked_dataset(data_args, mixture: Mixture, processor, tokens_per_image: int) -> LlavaDataset:
+def checked_dataset(data_args, mixture: Mixture, processor, tokens: ImageTokens) -> LlavaDataset:
     """Every valid sample of the mixture's sources, checked and tokenized as the flags say (or read from the cache)."""
-    return build_dataset(mixture, processor, tokens_per_image, data_args.model_max_length,
+    return build_dataset(mixture, processor, tokens, data_args.model_max_length,
                          skip_invalid=data_args.skip_invalid_samples,
                          allow_absolute_image_paths=data_args.allow_absolute_image_paths,
                          max_image_pixels=data_args.max_image_pixels, cache_dir=data_args.tokenized_cache_dir,

@@ -14,7 +14,7 @@ from transformers import AutoProcessor
 
 from llava.data.encoder import ConversationEncoder
 from llava.data.records import load_samples
-from llava.model.processor import image_token_count
+from llava.model.processor import image_tokens
 from tests.helpers.outputs import REPO
 
 sys.path.insert(0, os.path.join(REPO, "bench", "speed"))
@@ -92,7 +92,7 @@ def test_baselines_train_the_same_tokens_as_ours(quick_run):
     with open(work / "assets.json") as f:
         assets = json.load(f)
     processor = AutoProcessor.from_pretrained(assets["model"])
-    collator, encoder = PerSampleCollator(processor), ConversationEncoder(processor, 4096, image_token_count(processor))
+    collator, encoder = PerSampleCollator(processor), ConversationEncoder(processor, 4096, image_tokens(processor))
     newline = processor.tokenizer("\n", add_special_tokens=False)["input_ids"]
     for name in ("stage2", "mixed"):
         records = harness.conversation_records(assets[name], assets["image_folder"])

@@ -5,7 +5,7 @@ import pytest
 from llava.data.encoder import ConversationEncoder
 from llava.data.records import load_samples, read_records, to_sample
 from llava.data.types import IGNORE_INDEX, DataError
-from llava.model.processor import image_token_count
+from llava.model.processor import image_tokens
 from llava.training.arguments import ModelArguments
 from llava.training.build import processor_for
 from tests.helpers.conversations import trained_runs
@@ -44,7 +44,7 @@ def make_processor(parts, tmp_path_factory, chat_template=None):
 def test_trained_spans_are_each_answer_plus_end_of_turn(parts, tmp_path_factory, template_name):
     template, answer_format = TEMPLATES[template_name]
     processor = make_processor(parts, tmp_path_factory, template)
-    encoder = ConversationEncoder(processor, 512, image_token_count(processor))
+    encoder = ConversationEncoder(processor, 512, image_tokens(processor))
     for record in conversation_records():
         sample = to_sample(record, "mem")
         encoded = encoder.encode(sample)
@@ -57,8 +57,8 @@ def test_trained_spans_are_each_answer_plus_end_of_turn(parts, tmp_path_factory,
 
 def test_image_tokens_expand_to_tower_length_and_are_not_trained(parts, tmp_path_factory):
     processor = make_processor(parts, tmp_path_factory)
-    encoder = ConversationEncoder(processor, 512, image_token_count(processor))
-    assert encoder.tokens_per_image == TOKENS_PER_IMAGE
+    encoder = ConversationEncoder(processor, 512, image_tokens(processor))
+    assert encoder.image_tokens.count() == TOKENS_PER_IMAGE
     for record in conversation_records():
         sample = to_sample(record, "mem")
         encoded = encoder.encode(sample)
@@ -85,14 +85,14 @@ def test_truncation_cuts_text_after_images_but_never_an_image_span(parts):
     record = {"id": "long", "image": "img0.png",
               "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": long_answer}]}
     sample = to_sample(record, "mem")
-    encoded = ConversationEncoder(processor, 40, image_token_count(processor)).encode(sample)
+    encoded = ConversationEncoder(processor, 40, image_tokens(processor)).encode(sample)
     assert len(encoded["input_ids"]) == 40
     assert encoded["input_ids"].count(processor.image_token_id) == TOKENS_PER_IMAGE
     with pytest.raises(DataError, match=r"id 'long'.*cut through an image") as error:
-        ConversationEncoder(processor, TOKENS_PER_IMAGE + 1, image_token_count(processor)).encode(sample)
+        ConversationEncoder(processor, TOKENS_PER_IMAGE + 1, image_tokens(processor)).encode(sample)
     assert error.value.kind == "truncation_cuts_image"
     with pytest.raises(DataError, match=r"id 'long'.*images alone take 16 tokens") as error:
-        ConversationEncoder(processor, 10, image_token_count(processor)).encode(sample)
+        ConversationEncoder(processor, 10, image_tokens(processor)).encode(sample)
     assert error.value.kind == "images_exceed_max_length"
 
 
@@ -105,7 +105,7 @@ def test_truncation_cuts_text_after_images_but_never_an_image_span(parts):
 def test_bad_samples_are_named(parts, record, message):
     processor = make_processor(parts, None)
     with pytest.raises(DataError, match=message):
-        ConversationEncoder(processor, 512, image_token_count(processor)).encode(to_sample(record, "f.json[0]"))
+        ConversationEncoder(processor, 512, image_tokens(processor)).encode(to_sample(record, "f.json[0]"))
 
 
 def test_dataset_reports_every_bad_sample(parts, tmp_path):
@@ -168,7 +168,7 @@ def test_messages_form_with_content_parts_reads_like_llava_conversations(parts, 
                                      {"type": "text", "text": "Are these the same colour?"}]},
         {"role": "assistant", "content": "No: red and blue."}]}
     processor = make_processor(parts, None)
-    encoder = ConversationEncoder(processor, 512, image_token_count(processor))
+    encoder = ConversationEncoder(processor, 512, image_tokens(processor))
     assert encoder.encode(to_sample(messages_form, "m")) == encoder.encode(to_sample(llava_form, "l"))
     with pytest.raises(DataError, match=r"id 'x'.*turn 0 needs a string 'value'"):
         to_sample({"id": "x", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "m")

@@ -13,7 +13,7 @@ import pytest
 from llava.data.encoder import ConversationEncoder
 from llava.data.records import to_sample
 from llava.data.types import IGNORE_INDEX, DataError, Message
-from llava.model.processor import image_token_count
+from llava.model.processor import image_tokens
 from llava.training.arguments import ModelArguments
 from llava.training.build import processor_for
 from tests.helpers.conversations import END_OF_TURN, samples, trained_runs, turns
@@ -38,7 +38,7 @@ def encoders(tmp_path_factory):
         processor = processor_for(ModelArguments(vision_model_name_or_path=vision, language_model_name_or_path=path))
         if family.content_parts:  # as a llava-hf checkpoint ships it: typed content parts, no string wrapper
             processor.chat_template = family.template
-        built[name] = ConversationEncoder(processor, 4096, image_token_count(processor))
+        built[name] = ConversationEncoder(processor, 4096, image_tokens(processor))
     return built
 
 
@@ -59,7 +59,7 @@ def test_trained_tokens_are_each_answer_and_its_end_of_turn(encoders, family, ki
     for run in runs:  # the control token once, at the end; typed-in control tokens became plain text
         assert run[-1] == end_id and not set(encoder.template.special_tokens) & set(run[:-1]), tokenizer.convert_ids_to_tokens(run)
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(encoded["input_ids"], encoded["labels"]))
-    assert encoded["input_ids"].count(encoder.image_token_id) == encoder.tokens_per_image * len(sample.images)
+    assert encoded["input_ids"].count(encoder.image_token_id) == encoder.image_tokens.count() * len(sample.images)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -108,7 +108,7 @@ def test_template_without_any_end_of_turn_and_no_eos_is_refused_before_training(
     processor = processor_for(ModelArguments(vision_model_name_or_path=save_vision_model(str(tmp_path / "v")),
                                              language_model_name_or_path=str(tmp_path / "lm")))
     with pytest.raises(ValueError, match="never learn to stop"):
-        ConversationEncoder(processor, 512, image_token_count(processor))
+        ConversationEncoder(processor, 512, image_tokens(processor))
 
 
 def _reference_encoder(encoder: ConversationEncoder) -> ConversationEncoder:

@@ -18,7 +18,7 @@ from llava.data.packing import planned_batches
 from llava.data.encoder import ConversationEncoder
 from llava.data.images import image_readers, load_image, to_rgb
 from llava.data.types import DataError
-from llava.model.processor import image_token_count
+from llava.model.processor import image_tokens
 from llava.training.arguments import ModelArguments
 from llava.training.build import processor_for
 from llava.training.parsing import parse_args
@@ -131,7 +131,7 @@ def test_a_template_with_nested_loops_is_stopped(processor, tmp_path):
     assert slow != CHATML_TEMPLATE
     processor.chat_template, original = processor.chat_template.replace(CHATML_TEMPLATE, slow), processor.chat_template
     try:
-        encoder = ConversationEncoder(processor, 512, image_token_count(processor))
+        encoder = ConversationEncoder(processor, 512, image_tokens(processor))
         encoder.template.render_time_limit = 0.5
         path = write_jsonl(tmp_path / "t.jsonl", [json.dumps(qa("loop", image=None, question="LOOP?")),
                                                    json.dumps(qa("fine", image=None, question="Hi?"))])
@@ -232,7 +232,7 @@ def test_a_template_that_never_finishes_is_stopped_before_any_sample(processor, 
     try:
         started = time.monotonic()
         with pytest.raises(DataError, match="The chat template of .*took over 0.5 s") as error:
-            ConversationEncoder(processor, 512, image_token_count(processor))
+            ConversationEncoder(processor, 512, image_tokens(processor))
         assert error.value.kind == "template_timeout" and time.monotonic() - started < 10
     finally:
         processor.chat_template = original

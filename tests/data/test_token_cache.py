@@ -10,10 +10,10 @@ import pytest
 
 import llava.data.checking
 import llava.data.dataset
-from llava.data.encoder import ConversationEncoder
+from llava.data.encoder import ConversationEncoder, expanded_length
 from llava.data.records import load_samples
 from llava.data.token_cache import TokenStore, cached
-from llava.model.processor import image_token_count
+from llava.model.processor import image_tokens
 from llava.training.arguments import ModelArguments
 from llava.training.build import processor_for
 from tests.helpers.tiny_parts import conversation_records, dataset_from, prepared, write_dataset
@@ -31,14 +31,14 @@ def items(dataset):
 
 def test_stored_samples_expand_to_what_the_encoder_gives(parts, processor):
     dataset = dataset_from([parts["data"]], processor, 512, parts["images"])
-    encoder = ConversationEncoder(processor, 512, image_token_count(processor))
+    encoder = ConversationEncoder(processor, 512, image_tokens(processor))
     expected = [encoder.encode(sample) for sample in load_samples([parts["data"]])]
     assert items(dataset) == [(e["input_ids"], e["labels"]) for e in expected]
     assert dataset.lengths == [len(e["input_ids"]) for e in expected]
     # one image token per image is stored, not one per image feature
     images = sum(len(sample.images) for sample in dataset.samples)
     assert dataset.store.input_ids.dtype == np.int32
-    assert len(dataset.store.input_ids) == sum(dataset.lengths) - images * (encoder.tokens_per_image - 1)
+    assert len(dataset.store.input_ids) == sum(dataset.lengths) - images * (encoder.image_tokens.count() - 1)
     assert all(sample.messages == [] for sample in dataset.samples)  # the texts are not kept
 
 
@@ -59,16 +59,17 @@ def test_samples_checked_in_chunks_by_workers_are_stored_as_encoded_one_by_one(p
         records.append(record)
     data_path, image_folder = write_dataset(str(tmp_path), records)
     result = prepared([data_path], processor, 512, image_folder, num_workers=workers)
-    encoder = ConversationEncoder(processor, 512, image_token_count(processor))
+    encoder = ConversationEncoder(processor, 512, image_tokens(processor))
     valid = [sample for sample in load_samples([data_path]) if len(sample.messages) > 1]
     assert [s.id for s in result.samples] == [s.id for s in valid]
     assert [e.kind for e in result.problems] == ["last_turn_not_assistant"] * 4
     assert [f"(id 's{i}')" in str(problem) for i, problem in zip((4, 13, 22, 31), result.problems)] == [True] * 4
     for index, sample in enumerate(valid):
         expected = encoder.encode_compact(sample)
-        ids, trained = result.store[index]
+        ids, trained, counts = result.store[index]
         assert ids.tolist() == expected["input_ids"].tolist() and trained.tolist() == expected["trained"].tolist()
-        assert result.store.lengths[index] == encoder.expanded_length(expected["input_ids"])
+        assert counts.tolist() == expected["image_tokens"].tolist()
+        assert result.store.lengths[index] == expanded_length(expected["input_ids"], expected["image_tokens"])
 
 
 def test_cache_is_reused_until_data_or_limits_change(parts, processor, tmp_path, monkeypatch):
@@ -123,7 +124,8 @@ def _prepared():
     from llava.data.token_cache import PreparedData
     from llava.data.types import Sample
 
-    encoded = [{"input_ids": np.arange(3, dtype=np.int32), "trained": np.array([0, 1, 1], dtype=bool)}]
+    encoded = [{"input_ids": np.arange(3, dtype=np.int32), "trained": np.array([0, 1, 1], dtype=bool),
+                "image_tokens": np.zeros(0, dtype=np.int32)}]
     return PreparedData([Sample("a", "f[0]", [], [])], TokenStore.from_samples(encoded, [3]), [])
 
 

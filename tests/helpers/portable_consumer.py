@@ -21,7 +21,7 @@ if os.environ.get("PORTABLE_CONSUMER_NO_PROTOBUF") == "1":
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
+from transformers import AutoConfig, AutoProcessor, pipeline
 
 
 def preprocess(folder: str, image: Image.Image) -> dict:
@@ -33,8 +33,10 @@ def preprocess(folder: str, image: Image.Image) -> dict:
 
 
 def consume(folder: str, image: Image.Image, question: str, attn_implementation: str | None = None) -> dict:
-    model, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True,
-                                                                attn_implementation=attn_implementation)
+    """The folder's model, loaded as the class its config's `architectures` names (LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration), as serving stacks pick it, and what it makes of one image question."""
+    model_class = getattr(transformers, AutoConfig.from_pretrained(folder).architectures[0])
+    model, info = model_class.from_pretrained(folder, output_loading_info=True, attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(folder)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)

@@ -20,7 +20,7 @@ from llava.data.collator import LlavaDataCollator
 from llava.data.dataset import build_dataset
 from llava.data.images import image_readers
 from llava.data.mixture import Mixture, Source
-from llava.model.processor import image_token_count
+from llava.model.processor import image_tokens
 from llava.training.arguments import ModelArguments
 from llava.training.build import base_model_for, processor_for
 
@@ -182,7 +182,7 @@ def batch(parts, processor, n=6):
 def dataset_from(paths: list[str], processor, max_length: int, image_folder, **kwargs):
     """`build_dataset` over data files as --data_path and --image_folder name them (`image_folder`: one folder for
     every file, or a list of one per file), every sample of each once."""
-    return build_dataset(_sources(paths, image_folder), processor, image_token_count(processor), max_length, **kwargs)
+    return build_dataset(_sources(paths, image_folder), processor, image_tokens(processor), max_length, **kwargs)
 
 
 def prepared(paths: list[str], processor, max_length: int, image_folder, allow_absolute_image_paths: bool = False,
@@ -190,7 +190,7 @@ def prepared(paths: list[str], processor, max_length: int, image_folder, allow_a
     """`prepare_samples` (the checking pass) over data files, as `dataset_from` names them."""
     sources = _sources(paths, image_folder)
     images = image_readers(sources.paths, sources.image_folders, allow_absolute_image_paths)
-    return prepare_samples(sources.paths, processor, max_length, image_token_count(processor), images, num_workers,
+    return prepare_samples(sources.paths, processor, max_length, image_tokens(processor), images, num_workers,
                            decode_images)
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import AutoConfig, LlavaConfig
+from transformers import AutoConfig, LlavaConfig, LlavaNextProcessor
 
 from llava.data.mixture import Mixture, mixture_table, select
 from llava.data.packing import planned_batches
+from llava.model.building import as_llava_next
 from llava.model.components import parameter_table
-from llava.model.modeling import LlavaForConditionalGeneration
-from llava.model.processor import image_token_count, tower_config
+from llava.model.modeling import LlavaTraining, model_class
+from llava.model.processor import image_tokens, tower_config
 from llava.training.build import processor_for, trainable_model
 from llava.training.checkpoints import latest_complete_checkpoint
 from llava.training.parsing import RunArguments, parse_args
@@ -63,7 +64,7 @@ def _root_start(pipeline: Pipeline, stage: Stage) -> Stage:
     return stage
 
 
-def _meta_model(model_args, processor) -> LlavaForConditionalGeneration:
+def _meta_model(model_args, processor) -> LlavaTraining:
     """The LLaVA that `model_args` load or assemble, on the meta device: every parameter's shape, no memory."""
     trust = model_args.trust_remote_code
     if model_args.assembles_new_model:
@@ -71,7 +72,7 @@ def _meta_model(model_args, processor) -> LlavaForConditionalGeneration:
         text = AutoConfig.from_pretrained(model_args.language_model_name_or_path, trust_remote_code=trust)
         text.vocab_size = max(text.vocab_size, len(processor.tokenizer))
         config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
-                             image_seq_length=image_token_count(processor),
+                             image_seq_length=image_tokens(processor).tokens_per_image,
                              vision_feature_layer=model_args.vision_feature_layer,
                              vision_feature_select_strategy=processor.vision_feature_select_strategy,
                              projector_hidden_act=model_args.projector_hidden_act,
@@ -79,10 +80,11 @@ def _meta_model(model_args, processor) -> LlavaForConditionalGeneration:
     else:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=trust)
     with torch.device("meta"):
-        return LlavaForConditionalGeneration(config)
+        model = model_class(config)(config)
+    return as_llava_next(model, processor) if isinstance(processor, LlavaNextProcessor) else model
 
 
-def parameter_rows(model: LlavaForConditionalGeneration, args: RunArguments) -> str:
+def parameter_rows(model: LlavaTraining, args: RunArguments) -> str:
     """Per component: parameters, trainable ones and their learning rate, as the stage would train `model`."""
     with torch.device("meta"):
         model = trainable_model(model, args.lora, args.training)
@@ -92,7 +94,7 @@ def parameter_rows(model: LlavaForConditionalGeneration, args: RunArguments) -> 
 def _data_and_steps(args: RunArguments, mixture: Mixture, processor) -> str:
     """The mixture table of the stage's selection, and how many optimizer steps it trains (on one process)."""
     training = args.training
-    dataset = checked_dataset(args.data, mixture, processor, image_token_count(processor))
+    dataset = checked_dataset(args.data, mixture, processor, image_tokens(processor))
     selection = select(mixture, dataset.samples, data_seed(training))
     items, _ = planned_batches(dataset.select(selection.indices), processor.tokenizer.pad_token_id,
                                args.data.model_max_length, training.packing, training.max_tokens_per_batch,

@@ -1,0 +1,145 @@
+"""LLaVA-NeXT ("anyres"): each image is resized onto the best of a few grid resolutions (`image_grid_pinpoints`),
+cut into tower-sized tiles, and encoded with a downscaled base view; the features of the tiles, unpadded back to
+the image's aspect ratio, get one `image_newline` vector per row.
+
+Everything size-dependent is transformers' own: `LlavaNextImageProcessor` tiles the images, the model's
+`get_image_features` packs the features, and `LlavaNextProcessor._get_number_of_features` counts them, which
+`AnyresImageTokens` asks, so the data stages put exactly as many image tokens in a sample as the model produces
+for each of its images. Turning a LLaVA-1.5 processor or model into a LLaVA-NeXT one (a new model, or stage 2 of a
+`llava` stage-1 output) is `anyres_processor` and `llava.model.building.as_llava_next`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from transformers import LlavaNextImageProcessor, LlavaNextProcessor, ProcessorMixin
+
+from llava.data.image_tokens import ImageTokens
+from llava.data.types import ConfigurationError
+
+ARCHITECTURES = ("llava", "llava_next")
+# Tiles per side of llava-v1.6's grid (height x width in tiles): 1x2, 2x1, 2x2, 1x3, 3x1.
+_DEFAULT_GRID = ((1, 2), (2, 1), (2, 2), (1, 3), (3, 1))
+
+
+def default_pinpoints(tile: int) -> list[list[int]]:
+    """llava-v1.6's grid for a tower of `tile` pixels (336 -> 336x672, 672x336, 672x672, 336x1008, 1008x336)."""
+    return [[tile * rows, tile * columns] for rows, columns in _DEFAULT_GRID]
+
+
+def parse_pinpoints(value: str | list | None) -> list[list[int]] | None:
+    """`--image_grid_pinpoints` (JSON `[[h, w], ...]`, or the list itself) as a list of [h, w]; None when unset.
+
+    Raises:
+        ConfigurationError: not JSON, not a non-empty list of pairs of positive integers.
+    """
+    if value is None or value == "":
+        return None
+    try:
+        pinpoints = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as error:
+        raise ConfigurationError(f"--image_grid_pinpoints {value!r} is not JSON ({error}); write it as "
+                                 "'[[336, 672], [672, 336], [672, 672]]' (height, width in pixels).") from None
+    if not (isinstance(pinpoints, list) and pinpoints and all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and x > 0 for x in p) for p in pinpoints)):
+        raise ConfigurationError(f"--image_grid_pinpoints {value!r} must be a non-empty JSON list of [height, width] "
+                                 "pairs of positive integers, e.g. '[[336, 672], [672, 336], [672, 672]]'.")
+    return [list(p) for p in pinpoints]
+
+
+def check_pinpoints(pinpoints: list[list[int]], tile: int, where: str) -> None:
+    """Refuse grid resolutions that are not whole tiles: the model cuts each one into `tile`-pixel tiles
+    (`get_anyres_image_grid_shape` divides by the tower's image size), so a remainder would misplace features."""
+    wrong = [p for p in pinpoints if p[0] % tile or p[1] % tile]
+    if wrong:
+        raise ConfigurationError(f"--image_grid_pinpoints {json.dumps(wrong)} ({where}): every [height, width] must be "
+                                 f"a multiple of the tower's image size {tile}, e.g. "
+                                 f"{json.dumps(default_pinpoints(tile))}.")
+
+
+def anyres_processor(processor: ProcessorMixin, input_size: tuple[int, int], pinpoints: list[list[int]] | None
+                     ) -> LlavaNextProcessor:
+    """The `LlavaNextProcessor` of a LLaVA-1.5 `processor` (tokenizer, chat template, image token, strategy kept): its
+    tower's normalisation, tiles of the tower's `input_size` (height, width: what its image processor gives) on the
+    grid `pinpoints` (default: `default_pinpoints`).
+
+    Raises:
+        ConfigurationError: non-square tower inputs, or pinpoints that are not whole tiles.
+    """
+    height, width = input_size
+    if height != width:
+        raise ConfigurationError(f"--architecture llava_next needs square tower inputs; the image processor gives "
+                                 f"{height}x{width}.")
+    pinpoints = pinpoints or default_pinpoints(height)
+    check_pinpoints(pinpoints, height, f"tower input {height}x{height}")
+    fields = processor.image_processor.to_dict()
+    carried = {k: fields[k] for k in ("resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                                      "image_std", "do_convert_rgb") if fields.get(k) is not None}
+    image_processor = LlavaNextImageProcessor(
+        **carried, do_resize=True, size={"shortest_edge": height}, do_center_crop=True,
+        crop_size={"height": height, "width": height}, image_grid_pinpoints=pinpoints, do_pad=True)
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=processor.patch_size,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        num_additional_image_tokens=processor.num_additional_image_tokens, image_token=processor.image_token,
+        chat_template=processor.chat_template)
+
+
+def check_tower(vision_config, processor: ProcessorMixin, where: str) -> None:
+    """Refuse towers whose tiles the LLaVA-NeXT model cannot lay out on the grid.
+
+    Why: `get_image_features` reshapes each tile's selected features into (image_size / patch)^2 positions, with
+    the tile size taken from the tower's config; a tower fed other sizes than its config says (DINOv2: 518 vs
+    224), or one that keeps extra tokens after feature selection (CLS under `full`, DINOv2's registers), cannot.
+    """
+    tile = processor.image_processor.crop_size["height"]
+    extra = processor.num_additional_image_tokens - (processor.vision_feature_select_strategy == "default")
+    if vision_config.image_size != tile:
+        raise ConfigurationError(f"--architecture llava_next: {where} is configured for {vision_config.image_size}-"
+                                 f"pixel images but its image processor gives {tile}-pixel ones; LLaVA-NeXT tiles "
+                                 "images at the tower's configured size. Use a tower whose processor matches (CLIP, "
+                                 "SigLIP), or --architecture llava.")
+    if extra != 0:
+        raise ConfigurationError(f"--architecture llava_next: {where} keeps {extra} token(s) beside its patches under "
+                                 f"--vision_feature_select_strategy {processor.vision_feature_select_strategy}, which "
+                                 "LLaVA-NeXT cannot lay out on its grid. Use 'default' for towers with a CLS token "
+                                 "(CLIP), 'full' for towers without one (SigLIP); towers with registers cannot tile.")
+
+
+class AnyresImageTokens(ImageTokens):
+    """Tokens of one anyres image, by its (height, width): transformers' `LlavaNextProcessor` count (unpadded grid
+    features + one newline per row + the base view), less the CLS token under the `default` strategy."""
+
+    needs_sizes = True
+
+    def __init__(self, processor: LlavaNextProcessor):
+        self.processor = processor
+        self.tile = processor.image_processor.crop_size["height"]
+        super().__init__((self.tile // processor.patch_size) ** 2)  # one tile's (the base view's) features
+
+    def count(self, size: tuple[int, int] | None = None) -> int:
+        height, width = size
+        tokens = self.processor._get_number_of_features(height, width, self.tile, self.tile)
+        return tokens - (self.processor.vision_feature_select_strategy == "default")
+
+    def check_size(self, size: tuple[int, int]) -> str | None:
+        """Why an image is too small for the grid: a side under one patch leaves the tiles nothing to show, and an
+        aspect ratio so extreme that the unpadded grid keeps no row or column of features drops the image from it."""
+        height, width = size
+        patch = self.processor.patch_size
+        if min(height, width) < patch:
+            return (f"a side under the tower's patch size ({patch} pixels) is too small for --architecture "
+                    "llava_next; enlarge or drop it.")
+        if self.count(size) <= self.tokens_per_image:
+            return ("its aspect ratio is too extreme for the grid (no row of tile features is left after "
+                    "unpadding); crop or pad it to a less elongated shape.")
+        return None
+
+    def fingerprint(self) -> dict:
+        image_processor = self.processor.image_processor
+        return {"architecture": "llava_next", "image_grid_pinpoints": image_processor.image_grid_pinpoints,
+                "tile": self.tile, "patch_size": self.processor.patch_size,
+                "num_additional_image_tokens": self.processor.num_additional_image_tokens,
+                "vision_feature_select_strategy": self.processor.vision_feature_select_strategy}
+
