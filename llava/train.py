@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         return run_pipeline(argv)
     # Imported here: a pipeline's process never needs them (it stays free of torch while its stages train).
     from llava.data.mixture import read_mixture
-    from llava.training.parsing import parse_args
+    from llava.training.parsing import check_model_paths, parse_args
     from llava.training.run import train
     from llava.training.run_lock import run_lock
 
     args = parse_args(argv)
+    check_model_paths(args.model)
     mixture = read_mixture(args.data.data_path, args.data.image_folder)
     with run_lock(args.training.output_dir):
         return train(args, mixture, callbacks)

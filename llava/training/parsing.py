@@ -61,7 +61,6 @@ def parse_args(argv: list[str] | None = None) -> RunArguments:
         if parsed.lora.lora_enable:
             check_lora(parsed.lora, parsed.training)
         check_quantization(parsed.model, parsed.lora, parsed.training)
-        check_model_paths(parsed.model)
     except ConfigurationError:
         raise
     except ValueError as error:
@@ -117,7 +116,8 @@ def _is_local_path(name: str) -> bool:
 
 def check_model_paths(model_args: ModelArguments) -> None:
     """Refuse a model flag naming a folder that does not exist, before anything loads (transformers would try it
-    as a hub id and fail with a long OSError)."""
+    as a hub id and fail with a long OSError). Not part of `parse_args`: a pipeline parses its later stages before
+    the folders they start from exist."""
     for flag in ("model_name_or_path", "vision_model_name_or_path", "language_model_name_or_path"):
         value = getattr(model_args, flag)
         if value and _is_local_path(value) and not os.path.isdir(os.path.expanduser(value)):

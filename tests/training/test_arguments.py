@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from llava.training.parsing import parse_args
+from llava.training.parsing import check_model_paths, parse_args
 
 PARTS = ["--vision_model_name_or_path", "V", "--language_model_name_or_path", "L"]
 DATA = ["--data_path", "a.json,b.jsonl", "--output_dir", "out"]
@@ -43,13 +43,13 @@ def test_conflicting_flags_fail_with_the_fix(argv, message):
 
 @pytest.mark.parametrize("flag", ["--vision_model_name_or_path", "--language_model_name_or_path"])
 @pytest.mark.parametrize("missing", ["/no/such/tower", "./gone", "out/demo/never_trained"])
-def test_a_missing_model_folder_is_refused_at_parsing(tmp_path, flag, missing):
+def test_a_missing_model_folder_is_refused_before_loading(tmp_path, flag, missing):
     parts = dict(zip(PARTS[::2], PARTS[1::2]), **{flag: missing})
     with pytest.raises(ValueError, match=f"--{flag[2:]} {missing}: no such folder"):
-        parse_args([text for pair in parts.items() for text in pair] + DATA)
-    parts[flag] = str(tmp_path)  # an existing folder, and hub ids ("V", "org/name"), parse
-    parse_args([text for pair in parts.items() for text in pair] + DATA)
-    parse_args(PARTS[:1] + ["openai/clip-vit-large-patch14-336"] + PARTS[2:] + DATA)
+        check_model_paths(parse_args([text for pair in parts.items() for text in pair] + DATA).model)
+    parts[flag] = str(tmp_path)  # an existing folder, and hub ids ("V", "org/name"), pass
+    check_model_paths(parse_args([text for pair in parts.items() for text in pair] + DATA).model)
+    check_model_paths(parse_args(PARTS[:1] + ["openai/clip-vit-large-patch14-336"] + PARTS[2:] + DATA).model)
 
 
 def test_unknown_choice_is_refused():

@@ -14,7 +14,7 @@ from transformers import HfArgumentParser
 
 from llava.data.mixture import read_mixture
 from llava.data.types import ConfigurationError, DataError
-from llava.training.parsing import RUN_DATACLASSES, parse_args
+from llava.training.parsing import RUN_DATACLASSES, check_model_paths, parse_args
 from llava.training.pipeline.arguments import FLAG_NAMES_ENV, PipelineArguments, parse_pipeline_arguments
 from llava.training.pipeline.manifest import read_manifest
 from llava.training.pipeline.plan import check_selection, plan, start_path
@@ -32,6 +32,8 @@ def check_pipeline(path: str, options: PipelineArguments, overrides: list[str]) 
         where = f"{pipeline.path}: stage {stage.name}"
         try:
             args = parse_args(stage_argv(stage, start_path(pipeline, stage)))
+            if not stage.start.stage:  # a later stage's start folder is written by the stage before it
+                check_model_paths(args.model)
             mixtures[stage.name] = read_mixture(args.data.data_path, args.data.image_folder)
         except ConfigurationError as error:
             raise ConfigurationError(f"{where}: {error}") from None

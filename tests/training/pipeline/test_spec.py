@@ -56,6 +56,12 @@ def test_missing_data_file_of_a_later_stage(parts, tmp_path):
     assert "stage instruct" in refused(path, error=DataError) and "gone.json" in refused(path, error=DataError)
 
 
+@pytest.mark.parametrize("flags", [[], ["--dry_run", "True"]])
+def test_missing_tower_folder_of_the_first_stage(parts, tmp_path, flags):
+    path = write_pipeline(tmp_path, parts, vision_model_name_or_path=str(tmp_path / "no_tower"))
+    assert re.search(r"stage align: --vision_model_name_or_path .*no_tower: no such folder", refused(path, *flags))
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--learning_rate", "1e-4"], "every stage sets its own learning_rate, so it would change nothing. Override one "
                                   "stage's with --align.learning_rate 1e-4"),
