@@ -76,10 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work_dir", default="/tmp/pipeline_memory")
     args = parser.parse_args(argv)
 
-    from transformers import HfArgumentParser
-
     from llava.demo.smollm2 import ensure_smollm2
-    from llava.training.parsing import RUN_DATACLASSES
+    from llava.training.parsing import flag_names
     from llava.training.pipeline.plan import start_path
     from llava.training.pipeline.spec import read_pipeline, stage_argv
 
@@ -89,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.join(args.work_dir, "pipeline")
     overrides = ["--output_dir", out, "--language_model_name_or_path", ensure_smollm2(), "--image_folder", image_folder,
                  "--report_to", "none"]
-    known = {action.dest for action in HfArgumentParser(RUN_DATACLASSES)._actions}
+    known = flag_names()
     names = read_pipeline(os.path.join(REPO, args.pipeline), overrides, known).names
     overrides += [text for name in names for text in (f"--{name}.max_steps", str(args.steps))]
     pipeline = read_pipeline(os.path.join(REPO, args.pipeline), overrides, known)

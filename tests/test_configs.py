@@ -12,7 +12,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
 from llava.training.arguments import ModelArguments
-from llava.training.parsing import load_in_deepspeed_precision, parse_args
+from llava.training.parsing import flag_names, load_in_deepspeed_precision, parse_args
 from tests.helpers.outputs import REPO
 
 CONFIGS = os.path.join(REPO, "configs")
@@ -84,13 +84,10 @@ PIPELINES = {"demo.yaml": ["--image_folder", "images", "--language_model_name_or
 
 @pytest.mark.parametrize("name", PIPELINES)
 def test_shipped_pipeline_stages_parse_as_train_llava_runs(name):
-    from llava.training.parsing import RUN_DATACLASSES
     from llava.training.pipeline.plan import start_path
     from llava.training.pipeline.spec import read_pipeline, stage_argv
-    from transformers import HfArgumentParser
 
-    known = {action.dest for action in HfArgumentParser(RUN_DATACLASSES)._actions}
-    pipeline = read_pipeline(os.path.join(CONFIGS, name), PIPELINES[name], known)
+    pipeline = read_pipeline(os.path.join(CONFIGS, name), PIPELINES[name], flag_names())
     runs = {stage.name: parse_args(stage_argv(stage, start_path(pipeline, stage))) for stage in pipeline.stages}
     first, *later = runs.values()
     # stage 1 aligns: only the projector trains, at a higher rate than the instruction stage after it

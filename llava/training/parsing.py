@@ -14,7 +14,7 @@ from transformers import HfArgumentParser
 from llava.data.types import ConfigurationError
 from llava.model.lora import VISION_TARGET_PREFIX
 from llava.training.arguments import DataArguments, LlavaTrainingArguments, LoraArguments, ModelArguments
-from llava.training.pipeline.spec import CONFIG_SUFFIXES
+from llava.training.pipeline.spec import CONFIG_SUFFIXES, START_FLAGS
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ class RunArguments(NamedTuple):
 
 
 RUN_DATACLASSES = (ModelArguments, DataArguments, LoraArguments, LlavaTrainingArguments)
+
+
+def flag_names(parser: HfArgumentParser | None = None) -> set[str]:
+    """The names of the flags `parser` takes (default: every flag of a training run), without the leading --."""
+    return {action.dest for action in (parser or HfArgumentParser(RUN_DATACLASSES))._actions}
 
 
 def parse_args(argv: list[str] | None = None) -> RunArguments:
@@ -86,8 +91,7 @@ def _read_config(path: str, parser: HfArgumentParser) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a config file holds a mapping of flag names to values, got "
                          f"{type(values).__name__}.")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - flag_names(parser))
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}; they must be flag names without the leading --.")
     return values
@@ -118,7 +122,7 @@ def check_model_paths(model_args: ModelArguments) -> None:
     """Refuse a model flag naming a folder that does not exist, before anything loads (transformers would try it
     as a hub id and fail with a long OSError). Not part of `parse_args`: a pipeline parses its later stages before
     the folders they start from exist."""
-    for flag in ("model_name_or_path", "vision_model_name_or_path", "language_model_name_or_path"):
+    for flag in START_FLAGS:
         value = getattr(model_args, flag)
         if value and _is_local_path(value) and not os.path.isdir(os.path.expanduser(value)):
             raise ConfigurationError(f"--{flag} {value}: no such folder. Pass the folder of a saved model (one with "

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 
-from transformers import HfArgumentParser
-
 from llava.data.mixture import read_mixture
 from llava.data.types import ConfigurationError, DataError
-from llava.training.parsing import RUN_DATACLASSES, check_model_paths, parse_args
+from llava.training.parsing import check_model_paths, flag_names, parse_args
 from llava.training.pipeline.arguments import FLAG_NAMES_ENV, PipelineArguments, parse_pipeline_arguments
 from llava.training.pipeline.manifest import read_manifest
 from llava.training.pipeline.plan import check_selection, plan, start_path
@@ -24,7 +22,7 @@ from llava.training.pipeline.spec import read_pipeline, stage_argv
 def check_pipeline(path: str, options: PipelineArguments, overrides: list[str]) -> set[str]:
     """Check pipeline file `path` under the command line's `overrides` (with `options.dry_run`, print its plan);
     the names of the training flags. Raises ConfigurationError or DataError naming the stage and the fix."""
-    known = {action.dest for action in HfArgumentParser(RUN_DATACLASSES)._actions}
+    known = flag_names()
     pipeline = read_pipeline(path, overrides, known)
     selected = check_selection(pipeline, options.stages, options.restart_from)
     mixtures = {}

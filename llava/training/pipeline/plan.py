@@ -16,7 +16,7 @@ from llava.data.mixture import Mixture
 from llava.data.types import ConfigurationError
 from llava.model.final_output import FINAL_MARKER, PUBLISHING, IncompleteFinalOutputError, check_final_output
 from llava.training.pipeline.digests import data_digest, json_digest, model_digest, result_flags
-from llava.training.pipeline.spec import Pipeline, Stage
+from llava.training.pipeline.spec import START_FLAGS, Pipeline, Stage
 
 SKIP, RESUME, START = "skip", "resume", "start"
 
@@ -44,8 +44,7 @@ def current_record(pipeline: Pipeline, stage: Stage, mixture: Mixture, manifest:
         start = {"path": stage.start.path}
         start_sha256 = model_digest(stage.start.path)
     else:
-        start = {flag: stage.flags[flag] for flag in ("model_name_or_path", "vision_model_name_or_path",
-                                                       "language_model_name_or_path") if flag in stage.flags}
+        start = {flag: stage.flags[flag] for flag in START_FLAGS if flag in stage.flags}
         start_sha256 = json_digest({flag: model_digest(path) for flag, path in start.items()})
     return {"status": "running", "flags": stage.flags, "config_sha256": json_digest(result_flags(stage.flags)),
             "data_sha256": data_digest(mixture), "start": start, "start_sha256": start_sha256}
