@@ -99,6 +99,10 @@ class LlavaTraining:
             add_legacy_rope_fields(os.path.join(save_directory, "config.json"))
             follow_umask(save_directory)
 
+    def __init__(self, config: LlavaConfig | LlavaNextConfig):
+        super().__init__(config)
+        self.model.multi_modal_projector = LlavaProjector(config)
+
     def post_init(self) -> None:
         """Keep only the no-split (FSDP wrap) layer classes that exist in this model.
 
@@ -300,10 +304,6 @@ class LlavaForConditionalGeneration(LlavaTraining, transformers.LlavaForConditio
     """transformers' LLaVA (LLaVA-1.5: one tower-sized view per image) with this project's training loss and
     on-disk format (`LlavaTraining`)."""
 
-    def __init__(self, config: LlavaConfig):
-        super().__init__(config)
-        self.model.multi_modal_projector = LlavaProjector(config)
-
     def _image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
         """Projected features of each image, (tokens, H) each."""
         return self.model.get_image_features(
@@ -319,10 +319,6 @@ class LlavaForConditionalGeneration(LlavaTraining, transformers.LlavaForConditio
 class LlavaNextForConditionalGeneration(LlavaTraining, transformers.LlavaNextForConditionalGeneration):
     """transformers' LLaVA-NeXT (anyres tiles, `image_newline` after each row of features, see
     `llava.model.anyres`) with this project's training loss and on-disk format (`LlavaTraining`)."""
-
-    def __init__(self, config: LlavaNextConfig):
-        super().__init__(config)
-        self.model.multi_modal_projector = LlavaProjector(config)
 
     def _image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """Projected, packed features of each image (its tiles unpadded, newlines, base view), (tokens, H) each."""
