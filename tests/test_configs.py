@@ -79,16 +79,25 @@ def test_fsdp_accelerate_config():
     assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
 
 
-PIPELINES = {"demo.yaml": ["--image_folder", "images", "--language_model_name_or_path", "lm"], "llava_v1_5.yaml": ["--bf16", "False"]}  # no GPU here
+# Command-line flags each shipped pipeline needs here: no GPU (--bf16 False), and what the file leaves to the user.
+PIPELINES = {"demo.yaml": ["--image_folder", "images", "--language_model_name_or_path", "lm"],
+             "llava_v1_5.yaml": ["--bf16", "False"],
+             "llava_next_stage2.yaml": ["--bf16", "False", "--data_path", "d.json", "--image_folder", "images"]}
+MULTI_STAGE = [name for name in PIPELINES if name != "llava_next_stage2.yaml"]  # stage 1 included
 
 
-@pytest.mark.parametrize("name", PIPELINES)
-def test_shipped_pipeline_stages_parse_as_train_llava_runs(name):
+def stage_runs(name: str) -> dict:
+    """Each stage of shipped pipeline `name` parsed as the `train_llava.py` run it starts, by stage name."""
     from llava.training.pipeline.plan import start_path
     from llava.training.pipeline.spec import read_pipeline, stage_argv
 
     pipeline = read_pipeline(os.path.join(CONFIGS, name), PIPELINES[name], flag_names())
-    runs = {stage.name: parse_args(stage_argv(stage, start_path(pipeline, stage))) for stage in pipeline.stages}
+    return {stage.name: parse_args(stage_argv(stage, start_path(pipeline, stage))) for stage in pipeline.stages}
+
+
+@pytest.mark.parametrize("name", MULTI_STAGE)
+def test_shipped_pipeline_stages_parse_as_train_llava_runs(name):
+    runs = stage_runs(name)
     first, *later = runs.values()
     # stage 1 aligns: only the projector trains, at a higher rate than the instruction stage after it
     assert first.training.freeze_language_model and first.training.freeze_vision_model
@@ -103,3 +112,45 @@ def test_shipped_pipeline_stages_parse_as_train_llava_runs(name):
         assert first.model.vision_model_name_or_path == "openai/clip-vit-large-patch14-336"
     else:
         assert list(runs) == ["align", "instruct", "look"]
+
+
+def test_llava_next_stage2_recipe_parses_with_the_published_settings():
+    """configs/llava_next_stage2.yaml: llava-v1.6's stage 2 from configs/llava_v1_5.yaml's stage-1 output."""
+    from llava.model.anyres import default_pinpoints
+    from llava.training.pipeline.spec import read_pipeline
+
+    (run,) = stage_runs("llava_next_stage2.yaml").values()
+    model, training = run.model, run.training
+    llava_v1_5 = read_pipeline(os.path.join(CONFIGS, "llava_v1_5.yaml"), [], flag_names())
+    assert model.model_name_or_path == llava_v1_5.stage("align").output_dir  # a `llava` stage 1, made llava_next
+    assert model.architecture == "llava_next"
+    assert model.grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's
+    assert sorted(model.grid_pinpoints) == sorted(default_pinpoints(336))  # the default grid's five, in v1.6's order
+    assert not (training.freeze_vision_model or training.freeze_language_model or training.freeze_projector)
+    assert (training.learning_rate, training.projector_lr, training.vision_lr) == (2e-5, None, 2e-6)
+    assert training.per_device_train_batch_size * training.gradient_accumulation_steps * 8 == 128
+    assert training.lr_scheduler_type == "cosine" and training.warmup_steps == 0.03
+    assert training.num_train_epochs == 1 and training.weight_decay == 0 and training.gradient_checkpointing
+    assert run.data.model_max_length == 4096
+
+
+def test_llava_next_stage2_recipe_dry_run_on_a_tiny_llava_stage1(parts, llava_checkpoint, tmp_path, capsys):
+    """The recipe's plan on a tiny `llava` checkpoint (its 32-px tower takes a grid of 32-px tiles): the model
+    becomes llava_next, the tower trains at --vision_lr, the projector (newline included) and the LM at the base
+    rate, in steps of 4 x 4 samples."""
+    from llava.model.anyres import default_pinpoints
+    from llava.train import main
+
+    path = os.path.join(CONFIGS, "llava_next_stage2.yaml")
+    assert main([path, "--dry_run", "True", "--bf16", "False", "--model_name_or_path", llava_checkpoint,
+                 "--image_grid_pinpoints", json.dumps(default_pinpoints(32)), "--data_path", parts["data"],
+                 "--image_folder", parts["images"], "--output_dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "out")
+    assert f"start:  {llava_checkpoint}" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+    hidden = 32  # the tiny tower's and LM's width: two linear layers with biases, and the newline
+    assert rows["projector"][:2] == [f"{2 * (hidden * hidden + hidden) + hidden:,}"] * 2
+    assert rows["vision_tower"][0] == rows["vision_tower"][1] and rows["language_model"][0] == rows["language_model"][1]
+    assert [rows[name][-1] for name in ("vision_tower", "projector", "language_model")] == ["2e-06", "2e-05", "2e-05"]
+    assert "steps of 4 x 4 items" in out
