@@ -65,6 +65,9 @@ def _parse_json(text: str, where: str):
         raise too_deep(where) from None
 
 
+VIDEO_FIELDS = {"video", "videos"}
+
+
 def to_sample(record: dict, location: str) -> Sample:
     """Turn one record into a `Sample`; raise `DataError` naming the sample when it is malformed.
 
@@ -98,6 +101,10 @@ def to_sample(record: dict, location: str) -> Sample:
         _check_encodable(content, f"{where}: turn {turn_index}")
         messages.append(Message(role, content, trained=role == "assistant"))
     images = _image_paths(record, where)
+    for key in VIDEO_FIELDS & record.keys():  # kept as metadata it would train the sample without its video
+        raise DataError(f"{where}: has a {key!r} field, but video samples are not supported yet (they need "
+                        "LLaVA-OneVision's video processor); remove the field, or give the frames as 'images' with "
+                        "one <image> placeholder each.", kind="video_unsupported")
     metadata = {k: v for k, v in record.items() if k not in ("id", "image", "images", "conversations", "messages")}
     return Sample(id=sample_id, location=location, messages=messages, images=images, metadata=metadata)
 

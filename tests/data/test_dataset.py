@@ -172,3 +172,14 @@ def test_messages_form_with_content_parts_reads_like_llava_conversations(parts, 
     assert encoder.encode(to_sample(messages_form, "m")) == encoder.encode(to_sample(llava_form, "l"))
     with pytest.raises(DataError, match=r"id 'x'.*turn 0 needs a string 'value'"):
         to_sample({"id": "x", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "m")
+
+
+@pytest.mark.parametrize("key", ["video", "videos"])
+def test_video_samples_are_refused_not_trained_without_their_video(key):
+    """No architecture here reads video yet: a record with a video field is named and refused, never trained as a
+    text-only sample with the video left in its metadata."""
+    record = {"id": "clip_7", key: "clips/7.mp4",
+              "conversations": [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A cat jumps."}]}
+    with pytest.raises(DataError, match=rf"data.json\[3\] \(id 'clip_7'\): has a '{key}' field.*frames as 'images'") as error:
+        to_sample(record, "data.json[3]")
+    assert error.value.kind == "video_unsupported"
