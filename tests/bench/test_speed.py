@@ -1,6 +1,7 @@
 """The speed benchmark runs end to end (its --quick smoke mode; no timing is asserted here: speed targets are met
 in the full benchmark's printed figures), every side trains one pass over the same subset (the same samples and
-tokens), and the baselines feed the very token sequences ours trains on."""
+tokens), and the baselines feed the very token sequences ours trains on; the LLaVA-NeXT stage too (a few samples,
+zero_nlp skipped)."""
 
 import importlib.util
 import json
@@ -13,6 +14,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from llava.data.encoder import ConversationEncoder
+from llava.data.images import check_image
 from llava.data.records import load_samples
 from llava.model.processor import image_tokens
 from tests.helpers.outputs import REPO
@@ -29,20 +31,41 @@ pytestmark = pytest.mark.slow  # two-process jobs or whole benchmark runs: tens 
 
 
 STAGES = ("stage2", "mixed1", "mixed2")  # stage1 shares mixed1's freezing and stage2's data path
+NEXT_STAGE, NEXT_SAMPLES = "next_mixed2", 4  # one batch: TRL's LLaVA-NeXT steps take ~10 s here even at --quick
 HAS_TRL = importlib.util.find_spec("trl") is not None
 QUICK_SAMPLES = speed_run.QUICK_SAMPLES
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("speed")
-    command = [sys.executable, "bench/speed/run.py", "--quick", "--work_dir", str(work), "--out",
-               str(work / "results"), "--stages", ",".join(STAGES), "--sides", ",".join(_sides())]
+def work(tmp_path_factory):
+    """The work folder every run of this module shares: whichever runs first prepares the models and data."""
+    return tmp_path_factory.mktemp("speed")
+
+
+def run_quick(work, out: str, *flags: str) -> tuple[str, dict, list[dict]]:
+    """`run.py --quick FLAGS` into `work`/`out`: its stdout, its summary and the records of its runs."""
+    command = [sys.executable, "bench/speed/run.py", "--quick", "--work_dir", str(work), "--out", str(work / out),
+               *flags]
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    with open(work / "results" / "results.jsonl") as f:
+    with open(work / out / "results.jsonl") as f:
         records = [json.loads(line) for line in f]
-    return work, json.loads(completed.stdout.strip().splitlines()[-1])["summary"], records
+    return completed.stdout, json.loads(completed.stdout.strip().splitlines()[-1])["summary"], records
+
+
+@pytest.fixture(scope="module")
+def assets(work) -> dict:
+    """prepare.py's models and data in `work`, as --quick builds them (built once, then reused by every run)."""
+    subprocess.run([sys.executable, "bench/speed/prepare.py", "--work_dir", str(work), *speed_run.QUICK_PREPARE],
+                   cwd=REPO, check=True, capture_output=True)
+    with open(work / "assets.json") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def quick_run(work):
+    _, summary, records = run_quick(work, "results", "--stages", ",".join(STAGES), "--sides", ",".join(_sides()))
+    return work, summary, records
 
 
 def test_quick_benchmark_measures_every_side_over_the_same_subset(quick_run):
@@ -74,6 +97,41 @@ def test_sides_train_the_same_samples_and_tokens(quick_run):
             assert run[side]["steps"] == QUICK_SAMPLES // 4, (stage, side)  # --quick: batches of 4
         if "ours_packed" in run:
             assert run["ours_packed"]["steps"] < QUICK_SAMPLES and run["ours_packed"]["pad_fraction"] < 0.5
+
+
+def test_llava_next_stage_runs_every_side_but_zero_nlp(work, assets):
+    """next_mixed2 trains prepare.py's LLaVA-NeXT checkpoint: ours (packed: rows long enough for its samples, so
+    none is cut) and TRL feed the subset's tokens (TRL + its newline), zero_nlp is skipped with a line saying so."""
+    # Unpacked ours is left out to keep this small: it runs the same side script as packed ours.
+    sides = [side for side in _sides() if side != "ours"]
+    stdout, summary, records = run_quick(work, "next_results", "--stages", NEXT_STAGE, "--sides", ",".join(sides),
+                                         "--samples", f"{NEXT_STAGE}={NEXT_SAMPLES}")
+    assert f"zero_nlp trains LLaVA-1.5 models only: skipping it for {NEXT_STAGE}" in stdout
+    trained = set(sides) - {"zero_nlp"}
+    assert set(summary[NEXT_STAGE]) == trained | {"vs_faster_baseline"}
+    assert {r["side"] for r in records} == trained and all(r["model"] == "next_model" for r in records)
+    for record in records:
+        newlines = NEXT_SAMPLES if record["side"] == "trl" else 0
+        assert record["samples"] == NEXT_SAMPLES and record["tokens_fed"] == record["subset_tokens"] + newlines
+
+
+def test_llava_next_set_gives_each_image_size_its_own_token_count(assets):
+    """next_mixed.json's images come at four sizes and aspect ratios, each expanded by ours to another number of
+    image tokens (prepare.py's NEXT_IMAGE_SIZES); with TRL, its collator expands each to as many tokens as ours, so
+    its ids are ours + the closing newline."""
+    processor = AutoProcessor.from_pretrained(assets["next_model"])
+    encoder = ConversationEncoder(processor, 4096, image_tokens(processor))
+    newline = processor.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    records = harness.conversation_records(assets["next_mixed"], assets["next_image_folder"])
+    counts = set()
+    for record, sample in zip(records, load_samples([assets["next_mixed"]])):
+        sizes = [check_image(record["image"], sample)] if record["image"] else []
+        ids = encoder.encode(sample, sizes)["input_ids"]
+        if record["image"]:
+            counts.add((sizes[0], ids.count(processor.image_token_id)))
+        if HAS_TRL:
+            assert _trl_ids(processor, record) == ids + newline, sample.id
+    assert counts == {((64, 64), 136), ((64, 128), 200), ((128, 64), 208), ((128, 128), 336)}
 
 
 def test_subsets_are_drawn_with_the_seed(tmp_path):
