@@ -48,6 +48,8 @@ gpu-wheels:
 # lmms-eval scores a checkpoint offline on the demo's test questions (configs/lmms_eval/easy_vqa), from its own
 # environment, built once and kept in $(LMMS_EVAL_VENV) (rebuilt when the requirements below change):
 #   make lmms-eval CHECKPOINT=output/demo/pipeline/look [LMMS_EVAL_DATA=data/easy_vqa/test.json] [LMMS_EVAL_ARGS="--limit 100"]
+# Answers are scored on what follows their last LMMS_EVAL_ANSWER_AFTER (default ":", the demo's "blue: no" -> "no";
+# easy-VQA's one-word answers hold no colon, so plain answers score as they are); LMMS_EVAL_ANSWER_AFTER= turns it off.
 # The environment reuses torch, transformers, datasets, accelerate (and torchvision where there is one) of the
 # environment $(PYTHON) runs in, through a .pth file, so lmms-eval answers with the very libraries llava.evaluate
 # uses. lmms-eval itself comes without its dependencies (they pull a CUDA torchvision, which fails to import beside
@@ -59,6 +61,7 @@ LMMS_EVAL_REQUIREMENTS := loguru==0.7.3 tenacity==9.2.1 sacrebleu==2.6.0 evaluat
 	pytablewriter==1.2.1 decord==0.6.0 "filelock<4"
 LMMS_EVAL_DATA ?= data/easy_vqa/test.json
 LMMS_EVAL_ARGS ?=
+LMMS_EVAL_ANSWER_AFTER ?= :
 
 # One build at a time (flock where there is one): two test runs may start together.
 lmms-eval-env:
@@ -78,4 +81,5 @@ lmms-eval-env-unlocked:
 lmms-eval: lmms-eval-env
 	@test -n "$(CHECKPOINT)" || { echo "usage: make lmms-eval CHECKPOINT=<checkpoint folder> [LMMS_EVAL_DATA=$(LMMS_EVAL_DATA)]"; exit 2; }
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m llava.lmms_eval_score --model_name_or_path "$(CHECKPOINT)" \
-	  --data_path "$(LMMS_EVAL_DATA)" --lmms_eval_python $(LMMS_EVAL_VENV)/bin/python $(LMMS_EVAL_ARGS)
+	  --data_path "$(LMMS_EVAL_DATA)" --lmms_eval_python $(LMMS_EVAL_VENV)/bin/python \
+	  $(if $(LMMS_EVAL_ANSWER_AFTER),--answer_after "$(LMMS_EVAL_ANSWER_AFTER)") $(LMMS_EVAL_ARGS)

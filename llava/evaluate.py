@@ -5,9 +5,10 @@
 
 `--data_path` takes every form training reads (JSON/JSONL, parquet/arrow/`save_to_disk`, mixtures). Each sample's
 last turn is the reference answer; the turns before it are the prompt. Answers are compared after normalisation
-(case, surrounding whitespace and punctuation); a sample's optional `answer_type` field groups the figures. Every
-question is asked again with blank images (`llava.model.evaluation`: why blank rather than masked); the gap
-sighted - blind per type says what the model takes from the image. The last stdout line is one JSON object:
+(case, surrounding whitespace and punctuation), with `--answer_after` on what follows its last occurrence; a
+sample's optional `answer_type` field groups the figures. Every question is asked again with blank images
+(`llava.model.evaluation`: why blank rather than masked); the gap sighted - blind per type says what the model takes
+from the image. The last stdout line is one JSON object:
 accuracy, per-type accuracies, the blind control's (`blind_accuracy_by_type`), the gaps, yes/no figures (precision,
 recall, F1, yes-ratio, as POPE reports them) and the most frequent mistakes.
 """
@@ -42,6 +43,10 @@ class EvaluateArguments:
     blind_control: bool = field(
         default=True, metadata={"help": "Also answer every question with blank images (the image processor's mean "
                                         "colour), and report sighted - blind per answer type. Doubles the time."})
+    answer_after: str | None = field(
+        default=None, metadata={"help": "Score only what follows the last occurrence of this text in each answer, "
+                                        "for a model trained to give its reason first (the demo's \"blue: no\" is "
+                                        "scored as \"no\" with ':'); --output_file keeps the whole answers."})
     output_file: str | None = field(
         default=None, metadata={"help": "Write one JSON line per sample: reference, prediction, correct (blind too)."})
     log_dir: str | None = field(
@@ -69,14 +74,14 @@ def evaluation_samples(data_path: str, image_folder: str | None, max_samples: in
 
 def evaluate(answerer: Answerer, samples: list[Sample], images: list[ImageReader], batch_size: int = 16,
              output_file: str | None = None, max_image_pixels: int | None = None, blind_control: bool = True,
-             log_dir: str | None = None, step: int = 0) -> dict:
+             log_dir: str | None = None, step: int = 0, answer_after: str | None = None) -> dict:
     """Answer every sample (and, with `blind_control`, again blind) and score it (`llava.model.evaluation.score`);
     `images` holds one reader per source (`evaluation_samples`)."""
     def images_of(sample: Sample) -> list[Image.Image]:
         return [load_image(images[sample.source].file(reference, sample), max_image_pixels)
                 for reference in sample.images]
 
-    predictions = predict(answerer, samples, images_of, batch_size, blind=blind_control)
+    predictions = predict(answerer, samples, images_of, batch_size, blind=blind_control, answer_after=answer_after)
     result = score(predictions)
     if output_file:
         write_predictions(predictions, output_file)
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = load_for_inference(model_args.model_name_or_path, model_args.dtype)
     result = evaluate(Answerer(model, processor, args.max_new_tokens), samples, images, args.batch_size,
                       args.output_file, model_args.max_image_pixels, args.blind_control, args.log_dir,
-                      _global_step(model_args.model_name_or_path))
+                      _global_step(model_args.model_name_or_path), args.answer_after)
     print(json.dumps(result))
     return result
 

@@ -1,7 +1,8 @@
 """Score a checkpoint with lmms-eval (`--model llava_hf`) on LLaVA JSON questions, offline, and fail when it did.
 
     python -m llava.lmms_eval_score --model_name_or_path DIR --data_path data/easy_vqa/test.json \
-        [--image_folder IMGS] [--lmms_eval_python .venv-lmms-eval/bin/python] [--output_dir DIR] [--limit N]
+        [--image_folder IMGS] [--lmms_eval_python .venv-lmms-eval/bin/python] [--output_dir DIR] [--limit N] \
+        [--answer_after :]
 
 `make lmms-eval CHECKPOINT=DIR` builds lmms-eval's environment and calls this. It runs lmms-eval's own command on
 the task in `configs/lmms_eval/easy_vqa/` (pointed at `--data_path` through a one-line task that includes it), with
@@ -25,6 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from llava.model.evaluation import final_answer
 from llava.reporting import run_command
 from llava.training.parsing import parse_flags
 
@@ -34,6 +36,7 @@ TASK_FILE = "easy_vqa_llava.yaml"
 TASK = "easy_vqa_llava"
 LOCAL_TASK = "easy_vqa_llava_local"  # the shipped task with --data_path as its data file
 IMAGE_FOLDER_VARIABLE = "LLAVA_LMMS_EVAL_IMAGE_FOLDER"  # read by the task's utils.py
+ANSWER_AFTER_VARIABLE = "LLAVA_LMMS_EVAL_ANSWER_AFTER"  # read by the task's utils.py
 TYPE_METRICS = {"yes/no": "yes_no_accuracy", "colour": "colour_accuracy", "shape": "shape_accuracy"}
 
 
@@ -52,11 +55,15 @@ class LmmsEvalArguments:
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype (llava.evaluate's default).",
                                                     "choices": ["float32", "bfloat16", "float16", "auto"]})
     limit: int | None = field(default=None, metadata={"help": "Score the first N questions only (lmms-eval's --limit)."})
+    answer_after: str | None = field(default=None, metadata={
+        "help": "Score what follows the last occurrence of this text in each answer (`llava.evaluate "
+                "--answer_after`; ':' for the demo's \"blue: no\")."})
     output_dir: str | None = field(default=None, metadata={
         "help": "Keep the task file and lmms-eval's results and samples here (default: a temporary folder, removed "
                 "after)."})
     output_file: str | None = field(default=None, metadata={
-        "help": "Write one JSON line per sample: id, answer_type, reference, prediction, correct, failed."})
+        "help": "Write one JSON line per sample: id, answer_type, reference, prediction, correct, failed (and the "
+                "whole answer as output, with --answer_after)."})
 
 
 def _records(path: str) -> list[dict]:
@@ -101,7 +108,7 @@ def _failed(sample: dict) -> bool:
     return not counts or counts[0] is None
 
 
-def collect(output_path: str, records: list[dict]) -> tuple[list[dict], dict]:
+def collect(output_path: str, records: list[dict], answer_after: str | None = None) -> tuple[list[dict], dict]:
     """Per-sample rows (in data order) and lmms-eval's aggregated metrics, from its samples and results files.
     Raises `FileNotFoundError` when lmms-eval wrote none (it failed before answering)."""
     samples_files = glob.glob(os.path.join(output_path, "*", f"*_samples_{LOCAL_TASK}.jsonl"))
@@ -116,11 +123,12 @@ def collect(output_path: str, records: list[dict]) -> tuple[list[dict], dict]:
     rows = []
     for sample in samples:
         record = records[sample["doc_id"]]
-        prediction = sample["filtered_resps"]
-        prediction = (prediction[0] if isinstance(prediction, list) else prediction).strip()
+        output = sample["filtered_resps"]
+        output = (output[0] if isinstance(output, list) else output).strip()
         rows.append({"id": str(record.get("id", sample["doc_id"])), "answer_type": str(record.get("answer_type", "all")),
-                     "reference": sample["target"], "prediction": prediction,
-                     "correct": bool(sample["exact_match"]), "failed": _failed(sample)})
+                     "reference": sample["target"], "prediction": final_answer(output, answer_after),
+                     "correct": bool(sample["exact_match"]), "failed": _failed(sample),
+                     **({"output": output} if answer_after else {})})
     return rows, metrics
 
 
@@ -140,12 +148,14 @@ def score(args: LmmsEvalArguments, work: str) -> int:
     folder = _image_folder(args)
     if folder:
         env[IMAGE_FOLDER_VARIABLE] = folder
+    if args.answer_after:
+        env[ANSWER_AFTER_VARIABLE] = args.answer_after
     status = subprocess.run(lmms_eval_command(args, include_path, output_path), env=env).returncode
     if status:
         print(f"error: lmms-eval exited with status {status}", file=sys.stderr)
         return status
     try:
-        rows, metrics = collect(output_path, _records(args.data_path))
+        rows, metrics = collect(output_path, _records(args.data_path), args.answer_after)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -65,3 +65,29 @@ def test_evaluate_reads_parquet_with_embedded_images(parts, llava_checkpoint, tm
                             "False"])
     assert result["accuracy"] == 1.0 and "blind_accuracy" not in result
     assert seen[0][0][0].getpixel((5, 5)) == (255, 0, 0)
+
+
+def test_answer_after_scores_the_final_answer_and_keeps_the_whole_output(parts, llava_checkpoint, tmp_path,
+                                                                        monkeypatch):
+    """--answer_after ":": "blue: no" is scored as "no" (yes/no figures too), an answer without a colon as it is; the
+    predictions file keeps what the model said."""
+    records = [{"id": f"q{i}", "image": "img0.png", "answer_type": kind,
+                "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": reference}]}
+               for i, (kind, reference) in enumerate([("yes/no", "no"), ("yes/no", "yes"), ("colour", "red")])]
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(records))
+    calls = []
+    monkeypatch.setattr(Answerer, "answer", lambda self, conversations, images: calls.append(1) or (
+        ["blue: no", "red: no", "red"] if len(calls) == 1 else ["no", "gray: yes", "Red."]))
+    result = evaluate.main(["--model_name_or_path", llava_checkpoint, "--data_path", str(data), "--image_folder",
+                            parts["images"], "--answer_after", ":", "--output_file", str(tmp_path / "p.jsonl")])
+    assert result["accuracy_by_type"] == {"colour": 1.0, "yes/no": 0.5}
+    assert result["blind_accuracy_by_type"] == {"colour": 1.0, "yes/no": 1.0}
+    assert result["yes_no"]["yes_ratio"] == 0.0 and result["yes_no"]["blind"]["yes_ratio"] == 0.5
+    lines = [json.loads(line) for line in open(tmp_path / "p.jsonl")]
+    assert [(p["prediction"].strip(), p["output"], p["blind"].strip(), p["blind_output"]) for p in lines] == [
+        ("no", "blue: no", "no", "no"), ("no", "red: no", "yes", "gray: yes"), ("red", "red", "Red.", "Red.")]
+    calls.clear()
+    without = evaluate.main(["--model_name_or_path", llava_checkpoint, "--data_path", str(data), "--image_folder",
+                             parts["images"], "--blind_control", "False"])
+    assert without["accuracy_by_type"] == {"colour": 1.0, "yes/no": 0.0}  # whole answers: "blue: no" is not "no"

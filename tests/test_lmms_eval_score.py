@@ -13,7 +13,7 @@ import pytest
 
 from llava import lmms_eval_score
 from llava.data.types import Message
-from llava.model.evaluation import normalize
+from llava.model.evaluation import final_answer, normalize
 from llava.model.inference import Answerer, load_for_inference
 from tests.helpers.outputs import REPO
 
@@ -43,6 +43,17 @@ def test_task_normalises_answers_as_llava_evaluate(task_utils):
         assert task_utils.normalize(answer) == normalize(answer), answer
     scores = task_utils.process_results(doc("<image>\nWhat colour?", "red"), ["Red."])
     assert scores == {"exact_match": 1.0, "colour_accuracy": 1.0}
+
+
+def test_task_scores_the_final_answer_as_llava_evaluate(task_utils, monkeypatch):
+    for text in ["blue: no", "red: yes.", "gray", "a: b: Yes", ": no", ""]:
+        for answer_after in (":", None):
+            assert task_utils.final_answer(text, answer_after) == final_answer(text, answer_after), (text, answer_after)
+    record = doc("<image>\nis there a red shape?", "no")
+    assert task_utils.process_results(record, ["blue: no"])["exact_match"] == 0.0  # whole answers by default
+    monkeypatch.setenv(task_utils.ANSWER_AFTER_VARIABLE, ":")
+    assert task_utils.process_results(record, ["blue: no"])["exact_match"] == 1.0
+    assert task_utils.process_results(record, ["red: yes"])["exact_match"] == 0.0
 
 
 def test_task_prompt_ids_are_llava_evaluates(task_utils, parts, llava_checkpoint, monkeypatch):
@@ -118,15 +129,15 @@ def test_wrapper_fails_when_lmms_eval_wrote_nothing(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, parts):
-    """A tiny model trained for a few seconds on easy-VQA train questions (not the test images it is scored on),
-    its test questions, and their image folder."""
+    """A tiny model trained for a few seconds on easy-VQA train questions (not the test images it is scored on) with
+    the demo's reasoned yes/no answers ("blue: no"), its test questions, and their image folder."""
     root = tmp_path_factory.mktemp("lmms_eval")
     subprocess.run(PREPARE + ["--output_dir", str(root / "data")], check=True, env=ENV)
     with open(root / "data" / "meta.json") as f:
         images = json.load(f)["image_folder"]
     subprocess.run([sys.executable, "train_llava.py", "--vision_model_name_or_path", parts["vision"],
                     "--language_model_name_or_path", parts["lm"], "--data_path",
-                    str(root / "data" / "stage2_single_turn.json"), "--image_folder", images,
+                    str(root / "data" / "stage2_single_turn_reasoned.json"), "--image_folder", images,
                     "--freeze_vision_model", "False", "--learning_rate", "3e-3", "--max_steps", "400",
                     "--per_device_train_batch_size", "8", "--report_to", "none", "--seed", "0",
                     "--save_strategy", "no", "--data_cache_dir", "none", "--output_dir", str(root / "model")],
@@ -144,6 +155,7 @@ def test_lmms_eval_scores_a_trained_checkpoint_as_llava_evaluate(trained):
     root = trained["root"]
     subprocess.run([sys.executable, "-m", "llava.evaluate", "--model_name_or_path", trained["model"], "--data_path",
                     trained["test"], "--image_folder", trained["images"], "--blind_control", "False",
+                    "--answer_after", ":",
                     "--output_file", str(root / "ours.jsonl")], cwd=REPO, check=True, env=ENV, capture_output=True)
     ours = [json.loads(line) for line in open(root / "ours.jsonl")]
     run = make_lmms_eval(f"CHECKPOINT={trained['model']}", f"LMMS_EVAL_DATA={trained['test']}",
@@ -151,8 +163,9 @@ def test_lmms_eval_scores_a_trained_checkpoint_as_llava_evaluate(trained):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     theirs = [json.loads(line) for line in open(root / "theirs.jsonl")]
     assert result["num_failed"] == 0 and result["num_samples"] == len(ours) == 30
-    assert [(p["id"], p["prediction"], p["correct"]) for p in theirs] == [
-        (p["id"], p["prediction"], p["correct"]) for p in ours]
+    assert [(p["id"], p["output"], p["prediction"], p["correct"]) for p in theirs] == [
+        (p["id"], p["output"], p["prediction"], p["correct"]) for p in ours]
+    assert any(":" in p["output"] for p in ours)  # scored on the answer after the colon (make's default ":")
     accuracy = round(sum(p["correct"] for p in ours) / len(ours), 4)
     assert result["accuracy"] == accuracy and 0 < accuracy < 1, result
     assert len({p["prediction"] for p in ours}) > 1  # the model answers, and not always alike

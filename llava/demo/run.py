@@ -8,7 +8,7 @@
    once per recipe (kept when its report exists, so the pipeline's start model stays the same on a rerun);
 4. the pipeline `configs/demo.yaml`: align, instruct, look (a rerun skips finished stages, resumes a killed one);
 5. greedy evaluation of the last stage on 1,000 test questions (a fixed-seed random sample), sighted and blind
-   (`llava.evaluate`), next to what the question alone and the majority answer score on the same questions.
+   (`llava.evaluate`; yes/no answers scored after the colon of "blue: no", the format the recipe trains), next to what the question alone and the majority answer score on the same questions.
 The last stdout line is one JSON object: accuracy, per-type accuracies, the blind control's, baselines, minutes.
 """
 
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from llava.data.records import load_samples
+from llava.demo.easy_vqa import REASON_SEPARATOR
 from llava.demo.smollm2 import ensure_smollm2
 from llava.evaluate import evaluate, evaluation_samples
 from llava.model.evaluation import normalize
@@ -98,9 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     test_samples, images = evaluation_samples(os.path.join(DATA_DIR, "test.json"), image_folder)
     final = os.path.join(recipe["output_dir"], read_file(PIPELINE)["stages"][-1]["name"])
     model, processor = load_for_inference(final)
-    result = evaluate(Answerer(model, processor, max_new_tokens=5), test_samples, images, batch_size=32,
+    result = evaluate(Answerer(model, processor, max_new_tokens=8), test_samples, images, batch_size=32,
                       output_file=os.path.join(recipe["output_dir"], "test_predictions.jsonl"),
-                      log_dir=os.path.join(recipe["output_dir"], "runs", "eval"))
+                      log_dir=os.path.join(recipe["output_dir"], "runs", "eval"), answer_after=REASON_SEPARATOR)
     result.update(question_only_baselines(os.path.join(DATA_DIR, "stage2_single_turn.json"), test_samples))
     result.update({"recipe": "demo-full" if args.full else "demo", "minutes": round((time.time() - start) / 60, 1)})
     print(json.dumps(result))

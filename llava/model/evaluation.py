@@ -7,6 +7,9 @@ training, and only what the image shows is gone. Masking the image tokens instea
 pattern it never trained on, so a drop could come from that rather than from the missing picture. The gap
 sighted - blind per answer type is what the model takes from the image; a gap near 0 means it answers from the
 question alone (its prior).
+
+A model trained to name what it sees before it answers ("blue: no" to "is there a red shape?") is scored on its final
+answer, what follows the last `answer_after` ("no"); the whole generated text is kept beside it (`output`).
 """
 
 from __future__ import annotations
@@ -34,9 +37,16 @@ def normalize(answer: str) -> str:
     return " ".join(answer.lower().strip().strip(string.punctuation + " ").split())
 
 
+def final_answer(text: str, answer_after: str | None) -> str:
+    """What is scored of a generated `text`: all of it, or what follows the last `answer_after` in it (all of it when
+    it has none: an answer that gives no reason, "blue")."""
+    return text.rsplit(answer_after, 1)[-1].strip() if answer_after else text
+
+
 @dataclass
 class Prediction:
-    """One evaluated sample: its reference and the answers with (`prediction`) and without (`blind`) its images."""
+    """One evaluated sample: its reference and the answers with (`prediction`) and without (`blind`) its images; with
+    `answer_after`, `output` and `blind_output` hold the whole generated texts those answers were taken from."""
 
     id: str
     answer_type: str
@@ -45,6 +55,8 @@ class Prediction:
     correct: bool
     blind: str | None = None
     blind_correct: bool | None = None
+    output: str | None = None
+    blind_output: str | None = None
 
 
 def blank_like(image: Image.Image, image_processor) -> Image.Image:
@@ -54,9 +66,9 @@ def blank_like(image: Image.Image, image_processor) -> Image.Image:
 
 
 def predict(answerer: Answerer, samples: list[Sample], images_of: Callable[[Sample], list[Image.Image]],
-            batch_size: int = 16, blind: bool = True) -> list[Prediction]:
+            batch_size: int = 16, blind: bool = True, answer_after: str | None = None) -> list[Prediction]:
     """Answer every sample (last turn: the reference; the turns before: the prompt), and again with blank images
-    when `blind`, in batches."""
+    when `blind`, in batches; each answer scored on its `final_answer`."""
     predictions = []
     blank = answerer.processor.image_processor
     for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", unit="batch"):
@@ -65,12 +77,15 @@ def predict(answerer: Answerer, samples: list[Sample], images_of: Callable[[Samp
         answers = answerer.answer(prompts, images)
         blind_answers = answerer.answer(prompts, [[blank_like(i, blank) for i in row] for row in images]) \
             if blind else [None] * len(batch)
-        for sample, answer, blind_answer in zip(batch, answers, blind_answers):
+        for sample, output, blind_output in zip(batch, answers, blind_answers):
             reference = sample.messages[-1].content
+            answer = final_answer(output, answer_after)
+            blind_answer = None if blind_output is None else final_answer(blind_output, answer_after)
             predictions.append(Prediction(
                 id=sample.id, answer_type=str(sample.metadata.get("answer_type", "all")), reference=reference,
                 prediction=answer, correct=normalize(answer) == normalize(reference), blind=blind_answer,
-                blind_correct=None if blind_answer is None else normalize(blind_answer) == normalize(reference)))
+                blind_correct=None if blind_answer is None else normalize(blind_answer) == normalize(reference),
+                output=output if answer_after else None, blind_output=blind_output if answer_after else None))
     return predictions
 
 
@@ -133,7 +148,7 @@ def score(predictions: list[Prediction], confusions: int = 10) -> dict:
 
 
 def write_predictions(predictions: list[Prediction], path: str) -> None:
-    """One JSON object per sample: id, answer_type, reference, prediction, correct (and the blind ones)."""
+    """One JSON object per sample: id, answer_type, reference, prediction, correct (the blind ones, the outputs)."""
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(asdict(p)) + "\n" for p in predictions)
 
@@ -182,9 +197,9 @@ def log_to_tensorboard(log_dir: str, result: dict, predictions: list[Prediction]
         for sample, prediction in list(zip(samples, predictions))[:num_cards]:
             images = images_of(sample)
             question = sample.messages[-2].content.replace("<image>", "").strip()
-            lines = [f"Q: {question}", f"model: {prediction.prediction}", f"truth: {prediction.reference}"]
+            lines = [f"Q: {question}", f"model: {prediction.output or prediction.prediction}", f"truth: {prediction.reference}"]
             if prediction.blind is not None:
-                lines.append(f"blind: {prediction.blind}")
+                lines.append(f"blind: {prediction.blind_output or prediction.blind}")
             cards.append(sample_card(images[0] if images else None, lines))
         if cards:
             writer.add_image("eval/samples", card_grid(cards), step, dataformats="HWC")

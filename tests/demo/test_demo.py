@@ -5,6 +5,7 @@ import filecmp
 import json
 from collections import Counter, defaultdict
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from transformers import AutoProcessor
 from transformers import LlavaForConditionalGeneration as PlainLlava
 
 from llava.data.records import load_samples
+from llava.demo.easy_vqa import COLOURS
 from llava.demo.run import question_only_baselines
 from tests.helpers.outputs import REPO, assert_loads_and_generates
 
@@ -30,7 +32,8 @@ def easy_vqa(tmp_path_factory):
 def test_prepare_is_deterministic_and_writes_llava_json(easy_vqa, tmp_path):
     subprocess.run(PREPARE + ["--output_dir", str(tmp_path)], check=True)
     for name in ("stage1_captions.json", "stage2_instruct.json", "stage2_single_turn.json",
-                 "stage2_yes_no_balanced.json", "validation.json", "test.json"):
+                 "stage2_yes_no_balanced.json", "stage2_single_turn_reasoned.json",
+                 "stage2_yes_no_balanced_reasoned.json", "validation.json", "test.json"):
         assert filecmp.cmp(easy_vqa["dir"] / name, tmp_path / name, shallow=False), name
     captions = load_samples([str(easy_vqa["dir"] / "stage1_captions.json")])
     with open(easy_vqa["dir"] / "image_labels.json") as f:
@@ -69,6 +72,27 @@ def test_balanced_yes_no_questions_say_nothing_about_the_answer(easy_vqa):
     expected = {text: min(count["yes"], count["no"]) for text, count in plain.items()
                 if min(count["yes"], count["no"]) > 0}
     assert {text: count["yes"] for text, count in answers.items()} == expected
+
+
+@pytest.mark.parametrize("name", ["stage2_single_turn", "stage2_yes_no_balanced"])
+def test_reasoned_answers_name_the_images_colour_or_shape_before_yes_or_no(easy_vqa, name):
+    """The _reasoned files are the plain ones, sample for sample, with each yes/no answer "<attribute>: <answer>":
+    the image's colour when the question names a colour, else its shape; other answers unchanged."""
+    with open(easy_vqa["dir"] / "image_labels.json") as f:
+        labels = {r["image"]: r for r in json.load(f)["train"]}
+    plain = load_samples([str(easy_vqa["dir"] / f"{name}.json")])
+    reasoned = load_samples([str(easy_vqa["dir"] / f"{name}_reasoned.json")])
+    assert [(s.id, s.images, s.messages[0]) for s in plain] == [(s.id, s.images, s.messages[0]) for s in reasoned]
+    kinds = Counter()
+    for before, after in zip(plain, reasoned):
+        question, answer, label = before.messages[0].content, before.messages[1].content, labels[before.images[0]]
+        if answer not in ("yes", "no"):
+            assert after.messages[1].content == answer
+            continue
+        kind = "colour" if set(re.findall(r"\w+", question)) & set(COLOURS) else "shape"
+        kinds[kind] += 1
+        assert after.messages[1].content == f"{label[kind]}: {answer}", (question, label)
+    assert kinds["colour"] and kinds["shape"]
 
 
 def test_question_only_baselines(tmp_path):

@@ -1,8 +1,10 @@
 """lmms-eval hooks of the `easy_vqa_llava` task: the question, image and reference of a LLaVA JSON sample, and the
 score `python -m llava.evaluate` gives its answer.
 
-Runs inside lmms-eval's environment, which need not hold train_llava: `normalize` repeats
-`llava.model.evaluation.normalize` (tests/test_lmms_eval_score.py checks that the two agree). Image paths are
+Runs inside lmms-eval's environment, which need not hold train_llava: `normalize` and `final_answer` repeat
+`llava.model.evaluation`'s (tests/test_lmms_eval_score.py checks that they agree). With $LLAVA_LMMS_EVAL_ANSWER_AFTER
+set (llava.lmms_eval_score --answer_after), an answer is scored on what follows its last occurrence, as
+`llava.evaluate --answer_after` scores it (the demo's "blue: no" as "no"). Image paths are
 relative to the folder named by $LLAVA_LMMS_EVAL_IMAGE_FOLDER, else to the installed easy_vqa package's data folder
 (where `python -m llava.demo.easy_vqa` points its --image_folder).
 """
@@ -15,6 +17,7 @@ import string
 from PIL import Image, ImageOps
 
 IMAGE_FOLDER_VARIABLE = "LLAVA_LMMS_EVAL_IMAGE_FOLDER"
+ANSWER_AFTER_VARIABLE = "LLAVA_LMMS_EVAL_ANSWER_AFTER"
 # Accuracy per answer type (a sample's `answer_type` field), beside `exact_match` over all samples.
 TYPE_METRICS = {"yes/no": "yes_no_accuracy", "colour": "colour_accuracy", "shape": "shape_accuracy"}
 # LLaVA JSON's roles as chat templates name them, and its image placeholder.
@@ -25,6 +28,11 @@ IMAGE = "<image>"
 def normalize(answer: str) -> str:
     """An answer as compared: lower case, surrounding whitespace and punctuation removed, spaces collapsed."""
     return " ".join(answer.lower().strip().strip(string.punctuation + " ").split())
+
+
+def final_answer(text: str, answer_after: str | None) -> str:
+    """What is scored of a generated `text`: all of it, or what follows the last `answer_after` in it."""
+    return text.rsplit(answer_after, 1)[-1].strip() if answer_after else text
 
 
 def _image_folder() -> str:
@@ -96,8 +104,9 @@ def doc_to_target(doc: dict) -> str:
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """Exact match after normalisation; also under the sample's answer type's metric."""
-    correct = float(normalize(results[0]) == normalize(doc_to_target(doc)))
+    """Exact match of the final answer after normalisation; also under the sample's answer type's metric."""
+    answer = final_answer(results[0], os.environ.get(ANSWER_AFTER_VARIABLE))
+    correct = float(normalize(answer) == normalize(doc_to_target(doc)))
     scores = {"exact_match": correct}
     metric = TYPE_METRICS.get(doc.get("answer_type"))
     if metric:
