@@ -138,12 +138,13 @@ class LlavaTraining:
                 if hasattr(module, "gradient_checkpointing"):
                     module.gradient_checkpointing = False
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, image_sizes=None, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, image_sizes=None,
+                logits_to_keep=0, **kwargs):
         if image_sizes is not None:  # LLaVA-NeXT's; named here, where `generate` looks for the inputs it may pass
             kwargs["image_sizes"] = image_sizes
-        if labels is None:
+        if labels is None:  # `generate` asks for the last position's logits only when forward names logits_to_keep
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                   **kwargs)
+                                   logits_to_keep=logits_to_keep, **kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         kwargs.setdefault("use_cache", False)
         # The last position's output would predict a token after the sequence: it is never used, so the last

@@ -39,3 +39,15 @@ def test_sample_callback_logs_images_and_text(parts, llava_checkpoint, tmp_path)
     events.Reload()
     assert sorted(events.Tags()["images"]) == ["samples/0_single", "samples/1_multi_turn"]
     assert "samples/text_summary" in events.Tags()["tensors"]
+
+
+def test_generation_puts_only_the_last_prompt_position_through_lm_head(parts, llava_checkpoint):
+    """`generate` passes logits_to_keep=1 only to a forward that names it; otherwise the prompt's every position
+    goes through lm_head (for the demo's 57-token prompts and SmolLM2's 49k vocabulary, a fifth of prefill)."""
+    model, processor = load_for_inference(llava_checkpoint)
+    sample = load_samples([parts["data"]])[0]
+    positions = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: positions.append(inputs[0].shape[1]))
+    Answerer(model, processor, max_new_tokens=3).answer(
+        [sample.messages[:-1]], [[load_image(os.path.join(parts["images"], p)) for p in sample.images]])
+    assert positions and set(positions) == {1}
