@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 from llava.data.encoder import ConversationEncoder
-from llava.data.images import check_image, image_readers
+from llava.data.images import header_sizes, image_readers
 from llava.data.mixture import read_mixture
 from llava.data.records import load_samples
 from llava.data.types import IGNORE_INDEX
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Trained tokens are between {TRAIN_OPEN} and {TRAIN_CLOSE}; everything else has label -100.\n")
     for sample in samples:
         # Anyres images expand by their size, read from their headers as the checking pass reads them.
-        sizes = [check_image(readers[sample.source].file(reference, sample), sample) for reference in sample.images] \
-            if encoder.image_tokens.needs_sizes else None
+        sizes = header_sizes(sample, readers[sample.source]) if encoder.image_tokens.needs_sizes else None
         encoded = encoder.encode(sample, sizes)
         if inspect_args.json:
             print(json.dumps({"id": sample.id, **encoded}))

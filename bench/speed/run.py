@@ -102,7 +102,7 @@ def subset_tokens(path: str, model: str, image_folder: str) -> int:
     from transformers import AutoProcessor
 
     from llava.data.encoder import ConversationEncoder
-    from llava.data.images import check_image, image_readers
+    from llava.data.images import header_sizes, image_readers
     from llava.data.records import load_samples
     from llava.model.processor import image_tokens
 
@@ -111,8 +111,7 @@ def subset_tokens(path: str, model: str, image_folder: str) -> int:
     reader = image_readers([path], image_folder)[0]
     tokens = 0
     for sample in load_samples([path]):
-        sizes = [check_image(reader.file(reference, sample), sample) for reference in sample.images] \
-            if encoder.image_tokens.needs_sizes else None
+        sizes = header_sizes(sample, reader) if encoder.image_tokens.needs_sizes else None
         tokens += len(encoder.encode(sample, sizes)["input_ids"])
     return tokens
 

@@ -204,3 +204,9 @@ def check_image(path: str | EmbeddedImage, sample: Sample, decode: bool = False,
     except (OSError, SyntaxError, ValueError) as error:  # PIL's ways of saying "not a (complete) image"
         raise DataError(f"{sample.describe()}: unreadable or corrupt image {path}: {error}",
                         kind="corrupt_image") from None
+
+
+def header_sizes(sample: Sample, reader: ImageReader) -> list[tuple[int, int]]:
+    """(height, width) of each of `sample`'s images, read from their headers and checked (`check_image`), as the
+    checking pass reads them: what an anyres image's token count needs, without decoding it."""
+    return [check_image(reader.file(reference, sample), sample) for reference in sample.images]

@@ -101,7 +101,7 @@ def to_sample(record: dict, location: str) -> Sample:
         _check_encodable(content, f"{where}: turn {turn_index}")
         messages.append(Message(role, content, trained=role == "assistant"))
     images = _image_paths(record, where)
-    for key in VIDEO_FIELDS & record.keys():  # kept as metadata it would train the sample without its video
+    for key in sorted(VIDEO_FIELDS & record.keys()):  # kept as metadata it would train the sample without its video
         raise DataError(f"{where}: has a {key!r} field, but video samples are not supported yet (they need "
                         "LLaVA-OneVision's video processor); remove the field, or give the frames as 'images' with "
                         "one <image> placeholder each.", kind="video_unsupported")

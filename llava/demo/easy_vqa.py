@@ -251,12 +251,12 @@ def reasoned(record: dict, labels: Labels) -> dict:
     Straight from the image features, the yes/no logic was not learnt in the demo's few steps (yes/no stayed at the
     question-only prior: the model did not look). Naming the colour first is a colour question, which it answers
     from the image at 95-100 %, and the answer is then a comparison of two words of its text."""
-    question, answer = (turn["value"] for turn in record["conversations"])
-    attribute = labels["colour"] if _mentioned(COLOURS, question) else labels["shape"]
-    if answer not in ("yes", "no") or attribute is None:
+    question, answer = record["conversations"]
+    attribute = labels["colour"] if _mentioned(COLOURS, question["value"]) else labels["shape"]
+    if answer["value"] not in ("yes", "no") or attribute is None:
         return record
-    return sample(record["id"], record["image"], [(question.removeprefix("<image>\n"),
-                                                   f"{attribute}{REASON_SEPARATOR} {answer}")])
+    reasoned_answer = {**answer, "value": f"{attribute}{REASON_SEPARATOR} {answer['value']}"}
+    return {**record, "conversations": [question, reasoned_answer]}
 
 
 def held_out_images(triples: list[tuple[str, str, int]], paths: dict[int, str]):
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, records in (("stage2_single_turn", stage2_single_turn_samples(train)),
                           ("stage2_yes_no_balanced", balanced_yes_no_samples(train))):
         write_json(args.output_dir / f"{name}.json", records)
-        write_json(args.output_dir / f"{name}_reasoned.json", [reasoned(r, labels_by_image[r["image"]]) for r in records])
+        write_json(args.output_dir / f"{name}_reasoned.json",
+                   [reasoned(record, labels_by_image[record["image"]]) for record in records])
     write_json(args.output_dir / "validation.json", validations)
     write_json(args.output_dir / "test.json", tests)
     write_json(

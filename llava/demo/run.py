@@ -8,7 +8,8 @@
    once per recipe (kept when its report exists, so the pipeline's start model stays the same on a rerun);
 4. the pipeline `configs/demo.yaml`: align, instruct, look (a rerun skips finished stages, resumes a killed one);
 5. greedy evaluation of the last stage on 1,000 test questions (a fixed-seed random sample), sighted and blind
-   (`llava.evaluate`; yes/no answers scored after the colon of "blue: no", the format the recipe trains), next to what the question alone and the majority answer score on the same questions.
+   (`llava.evaluate`; yes/no answers scored after the colon of "blue: no", the format the recipe trains), next to
+   what the question alone and the majority answer score on the same questions.
 The last stdout line is one JSON object: accuracy, per-type accuracies, the blind control's, baselines, minutes.
 """
 

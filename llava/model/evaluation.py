@@ -197,7 +197,8 @@ def log_to_tensorboard(log_dir: str, result: dict, predictions: list[Prediction]
         for sample, prediction in list(zip(samples, predictions))[:num_cards]:
             images = images_of(sample)
             question = sample.messages[-2].content.replace("<image>", "").strip()
-            lines = [f"Q: {question}", f"model: {prediction.output or prediction.prediction}", f"truth: {prediction.reference}"]
+            lines = [f"Q: {question}", f"model: {prediction.output or prediction.prediction}",
+                     f"truth: {prediction.reference}"]
             if prediction.blind is not None:
                 lines.append(f"blind: {prediction.blind_output or prediction.blind}")
             cards.append(sample_card(images[0] if images else None, lines))
