@@ -222,7 +222,7 @@ def killed_runs(parts, llava_checkpoint, tmp_path_factory):
 
     def killed_in_final_save(name, busy_check=False):
         started = str(root / f"{name}.started")
-        job = Run("tests/helpers/slow_final_save.py", flags, root / f"{name}.log", env={"SLOW_SAVE_STARTED": started},
+        job = Run("tests/helpers/stalling_final_save.py", flags, root / f"{name}.log", env={"STALL_STARTED": started},
                   new_session=True)
         job.wait_for(lambda: os.path.exists(started))
         phase = {"pid": job.process.pid}

@@ -52,7 +52,7 @@ KILL_POINTS = {
 def test_killed_pipeline_rerun_ends_bitwise_equal(parts, tmp_path, uninterrupted, point):
     path = write_pipeline(tmp_path, parts)
     out, started = str(tmp_path / "out"), str(tmp_path / "stall_started")
-    launcher = f"{sys.executable} tests/helpers/stalling_stage.py"
+    launcher = f"{sys.executable} tests/helpers/stalling_final_save.py"
     run = Run("train_llava.py", [path, "--launcher", launcher], str(tmp_path / "killed.log"), new_session=True,
               env={"STALL_STAGE": "instruct", "STALL_STARTED": started})
     run.wait_for(lambda: KILL_POINTS[point](out, started))
