@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Trained tokens are between {TRAIN_OPEN} and {TRAIN_CLOSE}; everything else has label -100.\n")
     for sample in samples:
         # Anyres images expand by their size, read from their headers as the checking pass reads them.
-        sizes = header_sizes(sample, readers[sample.source]) if encoder.image_tokens.needs_sizes else None
+        sizes = (header_sizes(sample, readers[sample.source], data_args.max_image_pixels)
+                 if encoder.image_tokens.needs_sizes else None)
         encoded = encoder.encode(sample, sizes)
         if inspect_args.json:
             print(json.dumps({"id": sample.id, **encoded}))

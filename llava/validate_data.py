@@ -1,7 +1,7 @@
 """Check a LLaVA dataset before training on it: every problem, with file, line/index and sample id.
 
     python -m llava.validate_data --model_name_or_path M --data_path D.json[,E.jsonl] --image_folder I \
-        [--model_max_length N] [--num_workers W]
+        [--model_max_length N] [--max_image_pixels P] [--num_workers W]
     python -m llava.validate_data --model_name_or_path M --data_path mixture.yaml    # or a.json:0.5,b.parquet
 
 Every source of a mixture is checked whole, against its own image folder; the mixture's table (valid samples,
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     images = image_readers(mixture.paths, mixture.image_folders, data_args.allow_absolute_image_paths)
     decode = data_args.decode_images is not False  # full decode unless --decode_images False
     result = prepare_samples(mixture.paths, processor, data_args.model_max_length, image_tokens(processor),
-                             images, validate_args.num_workers, decode_images=decode)
+                             images, validate_args.num_workers, decode_images=decode,
+                             max_image_pixels=data_args.max_image_pixels)
     if result.problems or result.warnings:
         print(result.report())
     selection = select(mixture, result.samples, seed=0)

@@ -206,7 +206,8 @@ def check_image(path: str | EmbeddedImage, sample: Sample, decode: bool = False,
                         kind="corrupt_image") from None
 
 
-def header_sizes(sample: Sample, reader: ImageReader) -> list[tuple[int, int]]:
-    """(height, width) of each of `sample`'s images, read from their headers and checked (`check_image`), as the
-    checking pass reads them: what an anyres image's token count needs, without decoding it."""
-    return [check_image(reader.file(reference, sample), sample) for reference in sample.images]
+def header_sizes(sample: Sample, reader: ImageReader, max_pixels: int | None = None) -> list[tuple[int, int]]:
+    """(height, width) of each of `sample`'s images after `load_image(..., max_pixels)`, read from their headers and
+    checked (`check_image`), as the checking pass reads them: what an anyres image's token count needs, without
+    decoding it."""
+    return [check_image(reader.file(reference, sample), sample, max_pixels=max_pixels) for reference in sample.images]

@@ -192,11 +192,21 @@ class DataSourceArguments:
                           "--skip_invalid_samples), full decode in llava.validate_data."},
     )
 
+    max_image_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Downsize (keeping the aspect ratio) images above this many pixels right after decoding, "
+                          "before the image processor: in training, sample logging and inference alike; "
+                          "llava.validate_data and llava.inspect_data count image tokens after it. Saves worker "
+                          "memory and time on huge photos. Unset: no limit (beyond PIL's ~89 MP refusal)."},
+    )
+
     def __post_init__(self) -> None:
         if not self.data_path:
             raise ValueError("--data_path is required: one or more LLaVA .json/.jsonl files, comma-separated.")
         if self.model_max_length <= 0:
             raise ValueError(f"--model_max_length must be positive, got {self.model_max_length}.")
+        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
+            raise ValueError(f"--max_image_pixels must be positive, got {self.max_image_pixels}.")
 
 
 @dataclass
@@ -208,12 +218,6 @@ class DataArguments(DataSourceArguments):
         default=False,
         metadata={"help": "Drop invalid samples (logged with their ids and a count per kind) instead of refusing "
                           "to train. Images that fail later, at load time, are then skipped too."},
-    )
-    max_image_pixels: int | None = field(
-        default=None,
-        metadata={"help": "Downsize (keeping the aspect ratio) images above this many pixels right after decoding, "
-                          "before the image processor: in training, sample logging and inference alike. Saves "
-                          "worker memory and time on huge photos. Unset: no limit (beyond PIL's ~89 MP refusal)."},
     )
     data_cache_dir: str = field(
         default="auto",
@@ -232,11 +236,6 @@ class DataArguments(DataSourceArguments):
         default=None, metadata={"help": "Image folder of --sample_data_path (default: --image_folder)."}
     )
     num_logged_samples: int = field(default=4, metadata={"help": "How many --sample_data_path samples to log."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
-            raise ValueError(f"--max_image_pixels must be positive, got {self.max_image_pixels}.")
 
     @property
     def tokenized_cache_dir(self) -> str | None:

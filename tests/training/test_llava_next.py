@@ -301,6 +301,24 @@ def test_sizes_from_headers_are_the_loaded_sizes(new_processor, data, tmp_path):
     assert small.lengths == [len(small[i]["input_ids"]) for i in range(len(small))]  # counts checked at load
 
 
+def test_checkers_count_tokens_after_max_image_pixels(new_processor, parts, data, capsys):
+    """`llava.validate_data` and `llava.inspect_data` take --max_image_pixels as training does: a length limit that
+    only downsized images fit is refused without it and passes with it; inspected tokens are the downsized ones."""
+    small = dataset_from([data[0]], new_processor, 4096, data[1], max_image_pixels=600)
+    full = dataset_from([data[0]], new_processor, 4096, data[1])
+    limit = str(max(small.lengths))
+    assert max(full.lengths) > max(small.lengths)
+    flags = ["--vision_model_name_or_path", parts["vision"], "--language_model_name_or_path", parts["lm"],
+             "--architecture", "llava_next", "--data_path", data[0], "--image_folder", data[1],
+             "--model_max_length", limit]
+    assert validate_data.main(flags) == 1
+    assert validate_data.main([*flags, "--max_image_pixels", "600"]) == 0
+    capsys.readouterr()
+    inspect_data.main([*flags, "--max_image_pixels", "600", "--num_samples", str(len(small)), "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["input_ids"] for line in lines] == [small[i]["input_ids"].tolist() for i in range(len(small))]
+
+
 @pytest.fixture(scope="module")
 def hub_llava_next(parts, tmp_path_factory):
     """A llava-hf-style LLaVA-NeXT checkpoint written by transformers itself (its class, config and processor, its
