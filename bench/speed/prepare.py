@@ -125,6 +125,21 @@ def build_data(work_dir: str, max_images: int | None, samples: int) -> dict:
     return {"image_folder": image_folder, "next_image_folder": next_folder, **paths}
 
 
+def check_built_with(work_dir: str, flags: dict) -> None:
+    """Models and images are built once and then reused: refuse a work folder built with other flags (a --quick
+    run's 2-layer LM would otherwise be timed as the full benchmark's)."""
+    stamp = os.path.join(work_dir, "built_with.json")
+    if not os.path.isfile(stamp):
+        with open(stamp, "w") as f:
+            json.dump(flags, f)
+        return
+    with open(stamp) as f:
+        built = json.load(f)
+    if built != flags:
+        raise SystemExit(f"prepare.py: {work_dir} holds models and images built with {built}, not {flags}: pass "
+                         "another --work_dir, or delete that one to rebuild it.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", required=True)
@@ -133,6 +148,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4000, help="samples per data file")
     args = p.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
+    check_built_with(args.work_dir, {"lm_layers": args.lm_layers, "max_images": args.max_images})
     assets = {"model": build_model(args.work_dir, args.lm_layers),
               "next_model": build_model(args.work_dir, args.lm_layers, "next_model", "llava_next", NEXT_PINPOINTS),
               **build_data(args.work_dir, args.max_images, args.samples)}

@@ -219,7 +219,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: 2-layer LM, {QUICK_SAMPLES} samples a stage, batch 4, one repeat")
-    p.add_argument("--work_dir", default="/tmp/llava-speed", help="model and data (built once, then reused)")
+    p.add_argument("--work_dir", default=None, help="model and data, built once, then reused (default: "
+                   "/tmp/llava-speed, or /tmp/llava-speed-quick with --quick)")
     p.add_argument("--out", default=None, help="results folder (default: <work_dir>/results-<time>)")
     p.add_argument("--sides", default="ours,ours_packed,zero_nlp,trl", help=f"of {', '.join(OURS + BASELINES)}")
     p.add_argument("--stages", default=",".join(STAGES), help=f"of {', '.join(STAGES)}")
@@ -232,6 +233,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--omp_wait_policy", default="PASSIVE", help="PASSIVE, ACTIVE or unset; the same for every side")
     args = p.parse_args()
+    args.work_dir = args.work_dir or ("/tmp/llava-speed-quick" if args.quick else "/tmp/llava-speed")
     prepare = [sys.executable, os.path.join(HERE, "prepare.py"), "--work_dir", args.work_dir]
     if args.quick:
         args.repeats, args.batch_size = 1, 4

@@ -98,8 +98,12 @@ class PerSampleCollator:
 
 def main() -> None:
     args, _ = harness.parse(__doc__)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer, TrainingArguments
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, Trainer, TrainingArguments
 
+    model_type = AutoConfig.from_pretrained(args.model).model_type
+    if model_type != "llava":  # the recipe concatenates one view per image: LLaVA-1.5's processor and model only
+        raise SystemExit(f"side_zero_nlp: {args.model} is a {model_type} checkpoint; zero_nlp's recipe trains "
+                         "LLaVA-1.5 (`llava`) checkpoints only (run.py skips it for LLaVA-NeXT stages).")
     model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(args.model)
     harness.freeze_for_stage(model, args.stage)

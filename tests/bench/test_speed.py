@@ -115,6 +115,25 @@ def test_llava_next_stage_runs_every_side_but_zero_nlp(work, assets):
         assert record["samples"] == NEXT_SAMPLES and record["tokens_fed"] == record["subset_tokens"] + newlines
 
 
+def test_a_work_folder_built_with_other_flags_is_refused(work, assets):
+    """`work` was prepared as --quick prepares it; a full-size preparation there must not reuse its 2-layer LM."""
+    completed = subprocess.run([sys.executable, "bench/speed/prepare.py", "--work_dir", str(work)], cwd=REPO,
+                               capture_output=True, text=True)
+    assert completed.returncode == 1
+    assert f"{work} holds models and images built with" in completed.stderr and "another --work_dir" in completed.stderr
+
+
+def test_zero_nlp_refuses_a_llava_next_checkpoint_by_name(assets):
+    """Run by hand on a LLaVA-NeXT checkpoint, zero_nlp's side says why it cannot train it, before loading it."""
+    completed = subprocess.run(
+        [sys.executable, "bench/speed/side_zero_nlp.py", "--stage", "stage2", "--model", assets["next_model"],
+         "--data", assets["next_mixed"], "--image_folder", assets["next_image_folder"]],
+        cwd=REPO, capture_output=True, text=True)
+    assert completed.returncode == 1
+    assert f"{assets['next_model']} is a llava_next checkpoint" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 def test_llava_next_set_gives_each_image_size_its_own_token_count(assets):
     """next_mixed.json's images come at four sizes and aspect ratios, each expanded by ours to another number of
     image tokens (prepare.py's NEXT_IMAGE_SIZES); with TRL, its collator expands each to as many tokens as ours, so
