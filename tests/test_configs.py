@@ -110,6 +110,8 @@ def test_shipped_pipeline_stages_parse_as_train_llava_runs(name):
         assert all(run.training.lr_scheduler_type == "cosine" and run.training.warmup_steps == 0.03
                    for run in runs.values())
         assert first.model.vision_model_name_or_path == "openai/clip-vit-large-patch14-336"
+        assert (first.training.deepspeed, runs["instruct"].training.deepspeed) == (
+            None, "configs/deepspeed_zero3.json")  # finetune.sh's ZeRO-3: a 7B full fine-tune needs it
     else:
         assert list(runs) == ["align", "instruct", "look"]
 
