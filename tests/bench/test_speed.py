@@ -108,7 +108,8 @@ def test_llava_next_stage_runs_every_side_but_zero_nlp(work, assets):
                                          "--samples", f"{NEXT_STAGE}={NEXT_SAMPLES}")
     assert f"zero_nlp trains LLaVA-1.5 models only: skipping it for {NEXT_STAGE}" in stdout
     trained = set(sides) - {"zero_nlp"}
-    assert set(summary[NEXT_STAGE]) == trained | {"vs_faster_baseline"}
+    compared = {"vs_faster_baseline"} if "trl" in trained else set()  # without trl installed, ours alone
+    assert set(summary[NEXT_STAGE]) == trained | compared
     assert {r["side"] for r in records} == trained and all(r["model"] == "next_model" for r in records)
     for record in records:
         newlines = NEXT_SAMPLES if record["side"] == "trl" else 0
