@@ -130,6 +130,9 @@ def check_built_with(work_dir: str, flags: dict) -> None:
     run's 2-layer LM would otherwise be timed as the full benchmark's)."""
     stamp = os.path.join(work_dir, "built_with.json")
     if not os.path.isfile(stamp):
+        if os.path.isdir(os.path.join(work_dir, "model")):  # built before the flags were recorded: unknown ones
+            raise SystemExit(f"prepare.py: {work_dir} holds models built without a record of their flags: delete "
+                             "it to rebuild it, or pass another --work_dir.")
         with open(stamp, "w") as f:
             json.dump(flags, f)
         return

@@ -77,7 +77,8 @@ def question_only_baselines(train_path: str, test_samples) -> dict:
 
 @dataclass
 class DemoArguments:
-    full: bool = field(default=False, metadata={"help": "Run the longer demo-full recipe (about 50 minutes on 2 cores)."})
+    full: bool = field(default=False,
+                       metadata={"help": "Run the longer demo-full recipe (about 50 minutes on 2 cores)."})
 
 
 def main(argv: list[str] | None = None) -> dict:
