@@ -57,6 +57,17 @@ class DataError(ValueError):
         super().__init__(message)
         self.kind = kind
 
+    def without_worker_traceback(self) -> DataError:
+        """The error as the sample raised it, when a DataLoader worker raised it: PyTorch re-raises a worker's
+        exception in the main process as the same type holding "Caught DataError in DataLoader worker process N.",
+        the worker's traceback, and the original message on the last lines; this error itself otherwise.
+        (The `kind` does not cross the process boundary: the copy's is "invalid_sample".)"""
+        text = str(self)
+        exception_line = f"\n{type(self).__module__}.{type(self).__qualname__}: "
+        if not text.startswith(f"Caught {type(self).__name__} in DataLoader worker") or exception_line not in text:
+            return self
+        return type(self)(text.split(exception_line, 1)[1].rstrip("\n"))
+
 
 class ConfigurationError(ValueError):
     """A flag, a flag combination, a config file or a model part the flags name that cannot run; the message says

@@ -13,18 +13,18 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.data.dataset import LlavaDataset
-from llava.data.types import ConfigurationError
+from llava.data.types import ConfigurationError, DataError
 from llava.data.packing import PlannedDataset
 from llava.model.components import components, parameter_table
 from llava.model.final_output import prepare_staging, publish_final_output, staging_folder
 from llava.model.hub_format import find_end_of_turn_ids, load_saved_weights, make_processor_files_portable
 from llava.training.arguments import LlavaTrainingArguments
 from llava.training.checkpoints import begin_save, latest_complete_checkpoint, mark_complete, rotate_checkpoints
-from llava.training.preemption import PreemptionCallback, ignoring_sigterm
+from llava.training.preemption import PreemptionCallback, ignoring_sigterm, stop_dataloader_workers
+from llava.training.samplers import SeededLengthGroupedSampler
 from llava.training.trainable_weights import (holds_trainable_weights_only, load_trainable_weights,
                                               save_trainable_weights)
 from llava.utils.files import follow_umask, write_json_atomically
@@ -48,7 +48,9 @@ class LlavaTrainer(Trainer):
       `llava.training.checkpoints`, whose `resolve_resume_checkpoint` says which one a run resumes); the final
       output is published atomically (`save_final_output`).
     - SIGTERM saves a checkpoint at the next step boundary and stops training; `preempted` then says so. Dataloader
-      workers ignore it, so a signal to the whole process group still gets its checkpoint.
+      workers ignore it, so a signal to the whole process group still gets its checkpoint; training that ends by
+      an exception kills them (`stop_dataloader_workers`), and a sample's `DataError` raised in a worker is
+      re-raised as the sample's own one-line error.
     - Writes training arguments as JSON (`training_args.json`) instead of transformers' pickled training_args.bin.
     - Writes `checkpoint_records` (file name -> JSON value, e.g. the data mixture) into every checkpoint-N before
       it is marked complete, so a complete checkpoint always has them.
@@ -61,6 +63,7 @@ class LlavaTrainer(Trainer):
         self._deferred_save_total_limit: int | None = None  # set while `_inside_checkpoint_save` holds the user's value
         self._saving_checkpoint = False  # True inside `Trainer._save_checkpoint` (see `_inside_checkpoint_save`)
         self.checkpoint_records: dict[str, object] = {}
+        self._seeded_sampler: SeededLengthGroupedSampler | None = None  # the train sampler, when length-grouped
         self.preemption = PreemptionCallback(self._any_process)
         self.add_callback(self.preemption)
 
@@ -75,7 +78,14 @@ class LlavaTrainer(Trainer):
         (`llava.training.checkpoints.resolve_resume_checkpoint`)."""
         if self.is_world_process_zero():
             logger.info("Parameters per component:\n%s", parameter_table(self.model, component_rates(self.args)))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except DataError as error:  # a sample that failed in a DataLoader worker: reported as in the main process
+            stop_dataloader_workers()
+            raise error.without_worker_traceback() from None
+        except BaseException:
+            stop_dataloader_workers()
+            raise
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
                              trial) -> tuple[int, int]:
@@ -227,13 +237,25 @@ class LlavaTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
         """Trainer's sampler, except that length grouping reads the lengths the dataset already knows (samples', or
         planned rows' and batches', see `llava.data.packing`): upstream would fetch every item to measure it, decoding
-        every image once before the first step."""
+        every image once before the first step; and its order is a function of the seed (--data_seed, else --seed)
+        and the epoch (`SeededLengthGroupedSampler`), so resuming in any epoch is exact."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         known_lengths = isinstance(dataset, (LlavaDataset, PlannedDataset))
         if self.args.train_sampling_strategy == "group_by_length" and known_lengths:
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=dataset.lengths)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            self._seeded_sampler = SeededLengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=dataset.lengths, seed=seed)
+            return self._seeded_sampler
         return super()._get_train_sampler(train_dataset)
+
+    def get_resumed_dataloader(self, dataloader, num_batches: int):
+        """Trainer's dataloader that skips the batches a mid-epoch checkpoint already trained, with the epoch set on
+        our sampler here: under DDP accelerate's skip wrapper (`SkipBatchSampler` around `BatchSamplerShard`) hides
+        it from `set_epoch`, and the resumed epoch would be shuffled as epoch 0. Called only inside an epoch, so the
+        checkpoint's fractional `state.epoch` rounds down to it."""
+        if self._seeded_sampler is not None:
+            self._seeded_sampler.set_epoch(int(self.state.epoch))
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     def get_optimizer_cls_and_kwargs(self, args: LlavaTrainingArguments, model: torch.nn.Module | None = None):
         """Trainer's optimizer choice (--optim), with our parameter groups: `create_optimizer` takes

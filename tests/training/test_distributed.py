@@ -35,18 +35,19 @@ def test_ddp_trains_one_run_over_both_processes(parts, llava_checkpoint, tmp_pat
 
 
 def test_ddp_trainable_checkpoints_resume_to_the_uninterrupted_weights(parts, llava_checkpoint, tmp_path):
-    """Stage 1 under DDP with --checkpoint_weights trainable: checkpoint-2 holds the projector only (start model
-    hashed and checked once, on rank 0), and resuming it ends bitwise where the run straight to step 4 ended."""
-    flags = ["--max_steps", "4", "--freeze_language_model", "True", "--checkpoint_weights", "trainable",
+    """Stage 1 under DDP with --checkpoint_weights trainable: checkpoint-4 holds the projector only (start model
+    hashed and checked once, on rank 0), and resuming it, one step into epoch 2 (3 steps an epoch), ends bitwise
+    where the run straight to step 6 ended: the length-grouped order of epoch 2 is the same on both runs."""
+    flags = ["--max_steps", "6", "--freeze_language_model", "True", "--checkpoint_weights", "trainable",
              "--report_to", "none"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    for out, extra in ((whole, []), (resumed, ["--resume_from_checkpoint", str(whole / "checkpoint-2")])):
+    for out, extra in ((whole, []), (resumed, ["--resume_from_checkpoint", str(whole / "checkpoint-4")])):
         rc, log = launch(TORCHRUN, "train_llava.py", stage2_flags(parts, llava_checkpoint, out, *flags, *extra),
                          tmp_path / f"{out.name}.log")
         assert rc == 0, log[-4000:]
-    assert_complete_two_process_checkpoints(str(whole), [2, 4])
-    assert "trainable_weights.safetensors" in os.listdir(whole / "checkpoint-2")
-    assert "model.safetensors" not in os.listdir(whole / "checkpoint-2")
+    assert_complete_two_process_checkpoints(str(whole), [2, 4, 6])
+    assert "trainable_weights.safetensors" in os.listdir(whole / "checkpoint-4")
+    assert "model.safetensors" not in os.listdir(whole / "checkpoint-4")
     expected, final = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert final.keys() == expected.keys() and all(torch.equal(final[key], expected[key]) for key in expected)
     assert_loads_and_generates(str(resumed))

@@ -94,3 +94,34 @@ def test_checkpoints_in_other_layouts_are_left_to_from_pretrained(parts, llava_c
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert not load_saved_weights(model, str(tmp_path / "old"))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# Each case's data makes at least 2 steps an epoch, so a checkpoint can fall inside epochs 2 and 3.
+EPOCH_CASES = {
+    "llava": [],
+    "llava_packed": ["--packing", "True", "--model_max_length", "128"],
+    "llava_next": ["--architecture", "llava_next"],
+    "llava_next_packed": ["--architecture", "llava_next", "--packing", "True", "--model_max_length", "400"],
+}
+
+
+@pytest.mark.parametrize("case", EPOCH_CASES)
+def test_resuming_inside_epochs_2_and_3_is_bitwise_exact(stage1, tmp_path, case):
+    """Under the default length-grouped sampler (packing's rows shuffled by it too), a run resumed from a checkpoint
+    inside epoch 2, or inside epoch 3, ends with the uninterrupted run's weights and losses, bit for bit: each
+    epoch's order is a function of the seed and the epoch, not of the RNG state the epochs before left."""
+    flags = [*EPOCH_CASES[case], "--per_device_train_batch_size", "1" if "packed" in case else "2",
+             "--num_train_epochs", "3", "--max_steps", "-1", "--save_steps", "1"]
+    whole, _ = run(stage1, tmp_path / "whole", flags)
+    steps_per_epoch = whole.state.max_steps // 3
+    assert steps_per_epoch >= 2, steps_per_epoch
+    expected = {name: param.detach().clone() for name, param in whole.model.named_parameters()}
+    whole_losses = [e["loss"] for e in whole.state.log_history if "loss" in e]
+    for epoch in (2, 3):
+        step = (epoch - 1) * steps_per_epoch + 1  # the first step of the epoch done, the rest to come
+        resumed, steps = run(stage1, tmp_path / f"resumed{epoch}", flags,
+                             "--resume_from_checkpoint", str(tmp_path / "whole" / f"checkpoint-{step}"))
+        assert steps == list(range(step + 1, whole.state.max_steps + 1))
+        assert [e["loss"] for e in resumed.state.log_history if "loss" in e] == whole_losses
+        for name, param in resumed.model.named_parameters():
+            assert torch.equal(param, expected[name]), f"epoch {epoch}: {name}"
