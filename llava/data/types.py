@@ -47,6 +47,11 @@ class Sample:
         return f"{self.location} (id {self.id!r})"
 
 
+# The exit status of a command stopped by one of these errors (argparse's for a bad command line); see
+# `llava.reporting`.
+USER_ERROR_EXIT_CODE = 2
+
+
 class DataError(ValueError):
     """A sample (or data file) that cannot be trained on; the message names its file, position and id and the fix.
 

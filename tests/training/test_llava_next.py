@@ -387,3 +387,16 @@ def test_ddp_trains_llava_next_over_two_processes(parts, llava_checkpoint, tmp_p
     assert rc == 0, log[-4000:]
     model, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_a_grid_under_a_pipelines_defaults_sets_up_the_first_stage_only(parts, tmp_path):
+    """`image_grid_pinpoints` under `defaults` goes to the first stage, which builds the grid; the later stage
+    continues that checkpoint, which keeps it (given the flag, it would refuse: "keeps its own grid")."""
+    grid = [[32, 64], [64, 32], [64, 64]]
+    stages = [{**stage, "max_steps": 1} for stage in
+              ({"name": "align", "freeze_language_model": True}, {"name": "instruct", "freeze_language_model": False})]
+    path = write_pipeline(tmp_path, parts, stages, architecture="llava_next", image_grid_pinpoints=json.dumps(grid))
+    assert main([path]) == 0
+    for stage in ("align", "instruct"):
+        with open(tmp_path / "out" / stage / "preprocessor_config.json") as f:
+            assert json.load(f)["image_grid_pinpoints"] == grid, stage

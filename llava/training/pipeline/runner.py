@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 from llava.data.mixture import RECORD_NAME, read_mixture
-from llava.data.types import ConfigurationError
+from llava.data.types import USER_ERROR_EXIT_CODE, ConfigurationError
 from llava.training.pipeline.arguments import FLAG_NAMES_ENV, PipelineArguments, parse_pipeline_arguments
 from llava.training.pipeline.digests import model_digest
 from llava.training.pipeline.manifest import new_manifest, read_manifest, write_manifest
@@ -65,8 +65,9 @@ def run_pipeline(argv: list[str]) -> int:
         for stage_plan in plans:
             status = _run_stage(pipeline, stage_plan, manifest, mixtures[stage_plan.stage.name], launcher)
             if status:
-                logger.error("Stage %s stopped with exit status %d; rerun the same command to resume it.",
-                             stage_plan.stage.name, status)
+                logger.error("Stage %s stopped with exit status %d; %s", stage_plan.stage.name, status,
+                             "fix what its error line names, then rerun the same command." if
+                             status == USER_ERROR_EXIT_CODE else "rerun the same command to resume it.")
                 return status
     return 0
 

@@ -31,6 +31,10 @@ CONFIG_SUFFIXES = (".json", ".yaml", ".yml")  # of config files: one run's flags
 PIPELINE_KEYS = ("defaults", "stages")
 STAGE_KEYS = ("name", "from")
 START_FLAGS = ("model_name_or_path", "vision_model_name_or_path", "language_model_name_or_path")
+# Flags that set up a new model's image processor, which every later stage's checkpoint then keeps (and refuses
+# the flag): under `defaults` they go to the first stage alone, as the start model's parts do (a first stage that
+# continues a checkpoint gets them too, and refuses them by name).
+NEW_MODEL_FLAGS = ("image_grid_pinpoints", "image_aspect_ratio")
 # Flags the pipeline sets for every stage: each writes into <output_dir>/<name> and resumes its own checkpoints.
 PIPELINE_FLAGS = ("output_dir", "resume_from_checkpoint")
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -136,9 +140,8 @@ def read_pipeline(path: str, overrides: list[str], known_flags: set[str]) -> Pip
             raise ConfigurationError(f"{where}: {sorted(set(own) & set(START_FLAGS))[0]} names a start model, but "
                                      "a later stage starts from the previous stage's output: say `from: <stage "
                                      "name or checkpoint path>` instead.")
-        flags = {**default_flags, **own}
-        if start.path or index:  # the parts or checkpoint of `defaults` are the first stage's only
-            flags = {k: v for k, v in flags.items() if k not in START_FLAGS}
+        first_only = (START_FLAGS if start.path or index else ()) + (NEW_MODEL_FLAGS if index else ())
+        flags = {**{k: v for k, v in default_flags.items() if k not in first_only}, **own}
         built.append(Stage(name, flags, start, os.path.join(output_dir, name)))
     _check_overrides_apply(cli_defaults, stages, names)
     return Pipeline(os.path.abspath(path), output_dir, tuple(built))

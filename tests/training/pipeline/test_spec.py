@@ -9,7 +9,9 @@ import yaml
 
 from llava.data.types import ConfigurationError, DataError
 from llava.train import main
+from llava.training.parsing import flag_names
 from llava.training.pipeline.manifest import manifest_path, new_manifest, write_manifest
+from llava.training.pipeline.spec import read_pipeline
 from tests.helpers.pipelines import STAGES, write_pipeline
 
 ALIGN, INSTRUCT = STAGES
@@ -114,3 +116,12 @@ def test_dry_run_prints_the_plan_and_writes_nothing(parts, tmp_path, capsys):
     assert [line.split()[2] for line in align.splitlines() if line.split()[:1] == ["language_model"]] == ["0"]
     assert "steps: 3 (--max_steps)" in align and "steps: 5 (--max_steps)" in instruct
     assert parts["data"] in instruct and "100.0%" in instruct
+
+
+def test_flags_that_set_up_a_new_model_under_defaults_go_to_the_first_stage_only(parts, tmp_path):
+    path = write_pipeline(tmp_path, parts, architecture="llava_next", image_grid_pinpoints="[[32, 64]]",
+                          image_aspect_ratio="pad")
+    first, later = read_pipeline(path, [], flag_names()).stages
+    assert first.flags["image_grid_pinpoints"] == "[[32, 64]]" and first.flags["image_aspect_ratio"] == "pad"
+    assert "image_grid_pinpoints" not in later.flags and "image_aspect_ratio" not in later.flags
+    assert later.flags["architecture"] == "llava_next"  # a later stage may still turn a llava checkpoint into one
