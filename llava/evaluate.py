@@ -10,7 +10,9 @@ sample's optional `answer_type` field groups the figures. Every question is aske
 (`llava.model.evaluation`: why blank rather than masked); the gap sighted - blind per type says what the model takes
 from the image. The last stdout line is one JSON object:
 accuracy, per-type accuracies, the blind control's (`blind_accuracy_by_type`), the gaps, yes/no figures (precision,
-recall, F1, yes-ratio, as POPE reports them) and the most frequent mistakes.
+recall, F1, yes-ratio, as POPE reports them), the most frequent mistakes, and the samples skipped because their
+images could not be read (`skipped`, `skipped_ids`; each also named in a warning). `--output_file` is written as the
+answers come, so a run that fails late keeps them.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from llava.data.images import ImageReader, image_readers, load_image
+from llava.data.images import ImageReader, image_readers
 from llava.data.mixture import read_mixture, select
 from llava.data.records import iter_samples
 from llava.data.types import DataError, Sample
-from llava.model.evaluation import log_to_tensorboard, predict, score, write_predictions
-from llava.model.inference import Answerer, InferenceArguments, load_for_inference
+from llava.model.evaluation import log_to_tensorboard, predict, prediction_writer, score
+from llava.model.inference import Answerer, InferenceArguments, load_checked_image, load_for_inference
 from llava.reporting import run_command
 from llava.training.parsing import parse_flags
 
@@ -48,7 +50,8 @@ class EvaluateArguments:
                                         "for a model trained to give its reason first (the demo's \"blue: no\" is "
                                         "scored as \"no\" with ':'); --output_file keeps the whole answers."})
     output_file: str | None = field(
-        default=None, metadata={"help": "Write one JSON line per sample: reference, prediction, correct (blind too)."})
+        default=None, metadata={"help": "Write one JSON line per sample, as the answers come: reference, prediction, "
+                                        "correct (blind too)."})
     log_dir: str | None = field(
         default=None, metadata={"help": "Also log the figures to TensorBoard here (scalars, and a grid of images "
                                         "with question, answer and target), at the checkpoint's global step."})
@@ -76,17 +79,22 @@ def evaluate(answerer: Answerer, samples: list[Sample], images: list[ImageReader
              output_file: str | None = None, max_image_pixels: int | None = None, blind_control: bool = True,
              log_dir: str | None = None, step: int = 0, answer_after: str | None = None) -> dict:
     """Answer every sample (and, with `blind_control`, again blind) and score it (`llava.model.evaluation.score`);
-    `images` holds one reader per source (`evaluation_samples`)."""
-    def images_of(sample: Sample) -> list[Image.Image]:
-        return [load_image(images[sample.source].file(reference, sample), max_image_pixels)
-                for reference in sample.images]
+    `images` holds one reader per source (`evaluation_samples`). Predictions are written to `output_file` batch by
+    batch; a sample whose images cannot be read is skipped with a warning, and counted (`skipped`, `skipped_ids`).
 
-    predictions = predict(answerer, samples, images_of, batch_size, blind=blind_control, answer_after=answer_after)
-    result = score(predictions)
-    if output_file:
-        write_predictions(predictions, output_file)
+    Raises:
+        DataError: no sample could be answered (`predict`).
+    """
+    def images_of(sample: Sample) -> list[Image.Image]:
+        return [load_checked_image(images[sample.source].file(reference, sample), sample,
+                                   answerer.encoder.image_tokens, max_image_pixels) for reference in sample.images]
+
+    with prediction_writer(output_file) as write:
+        answers = predict(answerer, samples, images_of, batch_size, blind=blind_control, answer_after=answer_after,
+                          on_batch=write)
+    result = {**score(answers.predictions), "skipped": len(answers.skipped), "skipped_ids": answers.skipped}
     if log_dir:
-        log_to_tensorboard(log_dir, result, predictions, samples, images_of, step)
+        log_to_tensorboard(log_dir, result, answers.predictions, answers.samples, images_of, step)
     return result
 
 

@@ -1,13 +1,19 @@
 """`python -m llava.evaluate`: every data form training reads, a blind control that really hides the images,
-predictions as JSONL and figures in TensorBoard."""
+predictions as JSONL (written as they come) and figures in TensorBoard; samples whose images do not load are skipped
+and counted."""
 
 import json
+import os
+import shutil
 
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from llava import evaluate
+from llava.data.types import DataError
 from llava.model.inference import Answerer
+from tests.data.test_hostile_input import broken_images
 
 
 def test_evaluate_scores_sighted_and_blind(parts, llava_checkpoint, tmp_path, capsys, monkeypatch):
@@ -91,3 +97,53 @@ def test_answer_after_scores_the_final_answer_and_keeps_the_whole_output(parts, 
     without = evaluate.main(["--model_name_or_path", llava_checkpoint, "--data_path", str(data), "--image_folder",
                              parts["images"], "--blind_control", "False"])
     assert without["accuracy_by_type"] == {"colour": 1.0, "yes/no": 0.0}  # whole answers: "blue: no" is not "no"
+
+
+def questions(path, images: list[str]) -> str:
+    """A JSONL file of one question per image, ids q0, q1, ..."""
+    path.write_text("".join(json.dumps({"id": f"q{i}", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}) + "\n"
+        for i, image in enumerate(images)))
+    return str(path)
+
+
+def test_a_corrupt_image_is_skipped_named_and_counted(parts, llava_checkpoint, tmp_path, caplog, monkeypatch):
+    folder = tmp_path / "images"
+    broken = broken_images(str(folder))
+    shutil.copy(os.path.join(parts["images"], "img0.png"), folder / "img0.png")
+    data = questions(tmp_path / "test.jsonl", ["img0.png", broken["cut_jpg"], "img0.png", broken["cut_png"]])
+    monkeypatch.setattr(Answerer, "answer", lambda self, conversations, images: ["x"] * len(conversations))
+    result = evaluate.main(["--model_name_or_path", llava_checkpoint, "--data_path", data, "--image_folder",
+                            str(folder), "--batch_size", "2", "--output_file", str(tmp_path / "p.jsonl")])
+    assert result["num_samples"] == 2 and result["accuracy"] == 1.0
+    assert result["skipped"] == 2 and result["skipped_ids"] == ["q1", "q3"]
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert len(skipped) == 2 and "(id 'q1'): unreadable or corrupt image" in skipped[0] and "cut.jpg" in skipped[0]
+    assert [json.loads(line)["id"] for line in open(tmp_path / "p.jsonl")] == ["q0", "q2"]
+
+
+def test_predictions_are_written_as_they_come(parts, llava_checkpoint, tmp_path, monkeypatch):
+    """A failure in the second batch keeps the first batch's answers on disk."""
+    data = questions(tmp_path / "test.jsonl", ["img0.png"] * 3)
+    calls = []
+
+    def answer(self, conversations, images):
+        calls.append(1)
+        if len(calls) > 2:  # the second batch's sighted pass (the first batch: sighted and blind)
+            raise RuntimeError("out of memory")
+        return ["x"] * len(conversations)
+
+    monkeypatch.setattr(Answerer, "answer", answer)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate.main(["--model_name_or_path", llava_checkpoint, "--data_path", data, "--image_folder",
+                       parts["images"], "--batch_size", "2", "--output_file", str(tmp_path / "p.jsonl")])
+    assert [json.loads(line)["id"] for line in open(tmp_path / "p.jsonl")] == ["q0", "q1"]
+
+
+def test_no_sample_answered_is_an_error_naming_the_first(llava_checkpoint, tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    data = questions(tmp_path / "test.jsonl", [broken_images(str(folder))["cut_png"], "missing.png"])
+    monkeypatch.setattr(Answerer, "answer", lambda self, conversations, images: ["x"] * len(conversations))
+    with pytest.raises(DataError, match=r"none of the 2 samples could be answered; the first: .*\(id 'q0'\): "
+                                        "unreadable or corrupt image"):
+        evaluate.main(["--model_name_or_path", llava_checkpoint, "--data_path", data, "--image_folder", str(folder)])

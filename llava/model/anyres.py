@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from transformers import LlavaNextImageProcessor, LlavaNextProcessor, ProcessorMixin
+from transformers import AutoConfig, LlavaNextImageProcessor, LlavaNextProcessor, ProcessorMixin
 
 from llava.data.image_tokens import ImageTokens
 from llava.data.types import ConfigurationError
@@ -28,8 +28,13 @@ def default_pinpoints(tile: int) -> list[list[int]]:
     return [[tile * rows, tile * columns] for rows, columns in _DEFAULT_GRID]
 
 
-def parse_pinpoints(value: str | list | None) -> list[list[int]] | None:
+def parse_pinpoints(value: str | list | None, tower: str | None = None) -> list[list[int]] | None:
     """`--image_grid_pinpoints` (JSON `[[h, w], ...]`, or the list itself) as a list of [h, w]; None when unset.
+
+    Args:
+        value: the flag's value.
+        tower: the vision tower or LLaVA checkpoint the grid is for (folder or hub id): a refusal's example grid
+            is built from its image size (`pinpoints_example`), read only then.
 
     Raises:
         ConfigurationError: not JSON, not a non-empty list of pairs of positive integers.
@@ -40,12 +45,34 @@ def parse_pinpoints(value: str | list | None) -> list[list[int]] | None:
         pinpoints = json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError as error:
         raise ConfigurationError(f"--image_grid_pinpoints {value!r} is not JSON ({error}); write it as "
-                                 "'[[336, 672], [672, 336], [672, 672]]' (height, width in pixels).") from None
+                                 f"{pinpoints_example(_tower_tile(tower))} (height, width in pixels).") from None
     if not (isinstance(pinpoints, list) and pinpoints and all(
             isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and x > 0 for x in p) for p in pinpoints)):
         raise ConfigurationError(f"--image_grid_pinpoints {value!r} must be a non-empty JSON list of [height, width] "
-                                 "pairs of positive integers, e.g. '[[336, 672], [672, 336], [672, 672]]'.")
+                                 f"pairs of positive integers, e.g. {pinpoints_example(_tower_tile(tower))}.")
     return [list(p) for p in pinpoints]
+
+
+def pinpoints_example(tile: int | None) -> str:
+    """An example `--image_grid_pinpoints` for a tower of `tile`-pixel images: the first three of llava-v1.6's grid
+    (1x2, 2x1, 2x2 tiles), or the same written in tiles when the tower's size is unknown."""
+    if tile is None:
+        return "'[[T, 2T], [2T, T], [2T, 2T]]' with T the tower's image size"
+    return f"'{json.dumps(default_pinpoints(tile)[:3])}' for this {tile}-pixel tower"
+
+
+def _tower_tile(tower: str | None) -> int | None:
+    """The image size of the tower at `tower` (a vision checkpoint, a full CLIP/SigLIP one or a LLaVA checkpoint),
+    from its config, without reaching a hub: LLaVA-NeXT tiles at that size (`check_tower`). None when unreadable:
+    it only improves an error's example."""
+    if not tower:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(tower, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
+    size = getattr(getattr(config, "vision_config", None) or config, "image_size", None)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def check_pinpoints(pinpoints: list[list[int]], tile: int, where: str) -> None:

@@ -14,19 +14,23 @@ answer, what follows the last `answer_after` ("no"); the whole generated text is
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import string
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from llava.data.types import Sample
+from llava.data.types import DataError, Sample
 from llava.model.inference import Answerer
+
+logger = logging.getLogger(__name__)
 
 CARD_WIDTH, IMAGE_SIDE, LINE_HEIGHT = 320, 160, 14
 YES, NO = "yes", "no"
@@ -65,28 +69,70 @@ def blank_like(image: Image.Image, image_processor) -> Image.Image:
     return Image.new("RGB", image.size, tuple(int(round(255 * value)) for value in mean[:3]))
 
 
+@dataclass
+class Answers:
+    """What `predict` gives: one prediction per answered sample (`samples[i]` answered by `predictions[i]`), and the
+    ids of the samples left out because their images could not be read (`skipped`)."""
+
+    predictions: list[Prediction]
+    samples: list[Sample]
+    skipped: list[str]
+
+
 def predict(answerer: Answerer, samples: list[Sample], images_of: Callable[[Sample], list[Image.Image]],
-            batch_size: int = 16, blind: bool = True, answer_after: str | None = None) -> list[Prediction]:
+            batch_size: int = 16, blind: bool = True, answer_after: str | None = None,
+            on_batch: Callable[[list[Prediction]], None] | None = None) -> Answers:
     """Answer every sample (last turn: the reference; the turns before: the prompt), and again with blank images
-    when `blind`, in batches; each answer scored on its `final_answer`."""
-    predictions = []
+    when `blind`, in batches; each answer scored on its `final_answer`, each batch's predictions handed to
+    `on_batch` as soon as they are made (`prediction_writer`: a late failure keeps what was answered).
+
+    A sample whose images `images_of` cannot read (a `DataError`: truncated, missing, not an image) is skipped with
+    a warning naming it, and counted: one bad image must not cost the answers to all the others.
+
+    Raises:
+        DataError: no sample could be answered (a wrong --image_folder, say), naming the first one's problem.
+    """
+    answers = Answers([], [], [])
     blank = answerer.processor.image_processor
+    first_problem = None
     for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", unit="batch"):
-        batch = samples[start: start + batch_size]
-        prompts, images = [s.messages[:-1] for s in batch], [images_of(s) for s in batch]
-        answers = answerer.answer(prompts, images)
-        blind_answers = answerer.answer(prompts, [[blank_like(i, blank) for i in row] for row in images]) \
+        batch, images = [], []
+        for sample in samples[start: start + batch_size]:
+            try:
+                images.append(images_of(sample))
+            except DataError as error:
+                logger.warning("skipped (left out of the figures, counted in 'skipped'): %s", error)
+                answers.skipped.append(sample.id)
+                first_problem = first_problem if first_problem is not None else error
+                continue
+            batch.append(sample)
+        if not batch:
+            continue
+        prompts = [s.messages[:-1] for s in batch]
+        outputs = answerer.answer(prompts, images)
+        blind_outputs = answerer.answer(prompts, [[blank_like(i, blank) for i in row] for row in images]) \
             if blind else [None] * len(batch)
-        for sample, output, blind_output in zip(batch, answers, blind_answers):
-            reference = sample.messages[-1].content
-            answer = final_answer(output, answer_after)
-            blind_answer = None if blind_output is None else final_answer(blind_output, answer_after)
-            predictions.append(Prediction(
-                id=sample.id, answer_type=str(sample.metadata.get("answer_type", "all")), reference=reference,
-                prediction=answer, correct=normalize(answer) == normalize(reference), blind=blind_answer,
-                blind_correct=None if blind_answer is None else normalize(blind_answer) == normalize(reference),
-                output=output if answer_after else None, blind_output=blind_output if answer_after else None))
-    return predictions
+        predictions = [_prediction(*row, answer_after) for row in zip(batch, outputs, blind_outputs)]
+        answers.predictions.extend(predictions)
+        answers.samples.extend(batch)
+        if on_batch is not None:
+            on_batch(predictions)
+    if samples and not answers.predictions:
+        raise DataError(f"none of the {len(samples)} samples could be answered; the first: {first_problem}",
+                        kind=first_problem.kind)
+    return answers
+
+
+def _prediction(sample: Sample, output: str, blind_output: str | None, answer_after: str | None) -> Prediction:
+    """`sample`'s prediction from the generated texts, sighted and blind (None without the blind control)."""
+    reference = sample.messages[-1].content
+    answer = final_answer(output, answer_after)
+    blind_answer = None if blind_output is None else final_answer(blind_output, answer_after)
+    return Prediction(
+        id=sample.id, answer_type=str(sample.metadata.get("answer_type", "all")), reference=reference,
+        prediction=answer, correct=normalize(answer) == normalize(reference), blind=blind_answer,
+        blind_correct=None if blind_answer is None else normalize(blind_answer) == normalize(reference),
+        output=output if answer_after else None, blind_output=blind_output if answer_after else None)
 
 
 def _rate(hits: list[bool]) -> float:
@@ -147,10 +193,20 @@ def score(predictions: list[Prediction], confusions: int = 10) -> dict:
     return result
 
 
-def write_predictions(predictions: list[Prediction], path: str) -> None:
-    """One JSON object per sample: id, answer_type, reference, prediction, correct (the blind ones, the outputs)."""
+@contextlib.contextmanager
+def prediction_writer(path: str | None) -> Iterator[Callable[[list[Prediction]], None]]:
+    """A function that appends predictions to `path` as JSON lines (id, answer_type, reference, prediction,
+    correct; the blind ones, the outputs), flushed at once, so a run that fails or is killed later keeps them; one
+    that writes nothing when `path` is None."""
+    if path is None:
+        yield lambda predictions: None
+        return
     with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(asdict(p)) + "\n" for p in predictions)
+        def write(predictions: list[Prediction]) -> None:
+            f.writelines(json.dumps(asdict(p)) + "\n" for p in predictions)
+            f.flush()
+
+        yield write
 
 
 def sample_card(image: Image.Image | None, lines: list[str]) -> Image.Image:

@@ -86,23 +86,36 @@ def _legacy_layout(module: torch.nn.Module, state_dict: dict) -> dict:
             module._weight_conversions = loaded_with
 
 
-def add_legacy_rope_fields(config_path: str) -> None:
+def make_config_portable(config_path: str) -> None:
+    """Rewrite a saved config.json for the readers of a published model: the LM's rotary fields also as 4.x reads
+    them (`_add_legacy_rope_fields`), and `use_cache` true.
+
+    Why `use_cache`: Trainer sets `config.use_cache = False` for training (`TrainingArguments.use_cache`), and
+    saves write that, so a server or a plain `forward` that reads the file would recompute every past token at
+    each generated one. Only the file changes: the model in memory keeps training without a cache.
+    """
+    update_json(config_path, _portable_config)
+
+
+def _portable_config(config: dict) -> None:
+    _add_legacy_rope_fields(config)
+    config["use_cache"] = True
+    if "use_cache" in config.get("text_config", {}):  # what the LM's own forward falls back on
+        config["text_config"]["use_cache"] = True
+
+
+def _add_legacy_rope_fields(config: dict) -> None:
     """Repeat the LM's `rope_parameters` as `rope_theta`/`rope_scaling`, the fields transformers 4.x reads.
 
     Why: 4.x ignores `rope_parameters` and silently uses its default base (10000), so a Qwen2 (1e6) or Llama 3
     (500000) LM would load with the wrong rotary frequencies. transformers 5.x reads the legacy fields too.
     """
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
     rope = config["text_config"].get("rope_parameters")
     if not isinstance(rope, dict) or "rope_theta" not in rope:  # absent, or one entry per layer type
         return
     config["text_config"]["rope_theta"] = rope["rope_theta"]
     if rope.get("rope_type", "default") != "default":
         config["text_config"]["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def check_loading_info(info: dict, model: PreTrainedModel, path) -> None:

@@ -3,6 +3,7 @@ TensorBoard sample callback, so all three prompt the model exactly as training r
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -10,11 +11,16 @@ from PIL import Image
 from transformers import AutoProcessor, ProcessorMixin
 
 from llava.data.encoder import ConversationEncoder
-from llava.data.types import Message
+from llava.data.image_tokens import ImageTokens
+from llava.data.images import check_image, load_image
+from llava.data.tables import EmbeddedImage
+from llava.data.types import Message, Sample
 from llava.model.final_output import check_final_output
 from llava.model.lora import is_adapter_checkpoint, load_merged_model
 from llava.model.modeling import model_class
 from llava.model.processor import image_tokens
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +46,28 @@ def load_for_inference(path: str, dtype: str = "float32"):
         model = model_class(path).from_pretrained(path, dtype=getattr(torch, dtype))
         processor = AutoProcessor.from_pretrained(path)
     return model.eval(), processor
+
+
+def load_checked_image(path: str | EmbeddedImage, sample: Sample, tokens: ImageTokens,
+                       max_pixels: int | None = None) -> Image.Image:
+    """`load_image(path, max_pixels)` for inference, checked as training's checking pass checks its images.
+
+    An image that does not decode (truncated, not an image, missing) is refused with the `DataError` that
+    `check_image` names it with. One whose size training refuses (`ImageTokens.check_size`: a side under one patch
+    or an aspect ratio too extreme for an anyres grid) is answered anyway, with a warning: a question about it is
+    worth an answer, but the model never saw such an image in training.
+
+    Raises:
+        DataError: naming `sample` and the file.
+    """
+    # Decoded twice (checked, then loaded): the check turns PIL's errors into the one training reports, and costs
+    # little beside generating an answer.
+    height, width = check_image(path, sample, decode=True, max_pixels=max_pixels)
+    problem = tokens.check_size((height, width))
+    if problem:
+        logger.warning("%s: image %s (%dx%d pixels): %s Training refuses such an image (its checking pass: "
+                       "image_size_unsupported); answering anyway.", sample.describe(), path, width, height, problem)
+    return load_image(path, max_pixels)
 
 
 class Answerer:

@@ -25,7 +25,7 @@ from transformers.utils.generic import is_flash_attention_requested
 
 from llava.data.types import IGNORE_INDEX
 from llava.model.final_output import check_final_output
-from llava.model.hub_format import FROM_HUB, add_legacy_rope_fields, check_loading_info, hub_state_dict
+from llava.model.hub_format import FROM_HUB, check_loading_info, hub_state_dict, make_config_portable
 from llava.model.sharding import multi_process, parameters_sharded
 from llava.utils.files import follow_umask
 
@@ -84,7 +84,8 @@ class LlavaTraining:
         return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs) -> None:
-        """transformers' `save_pretrained`, writing the llava-hf tensor names (`hub_state_dict`).
+        """transformers' `save_pretrained`, writing the llava-hf tensor names (`hub_state_dict`) and a config.json
+        that serves as published (`make_config_portable`: `use_cache` true, the rotary fields 4.x reads).
 
         Why: as custom code, this class would be saved under whatever names transformers' mappings of the model's
         parts produce (e.g. `model.language_model.model.layers.*`), which transformers 4.x and vLLM do not load.
@@ -96,7 +97,7 @@ class LlavaTraining:
         kwargs["save_original_format"] = False  # names are final: no reversal of load-time renamings
         super().save_pretrained(save_directory, *args, state_dict=hub_state_dict(self, state_dict), **kwargs)
         if kwargs.get("is_main_process", True):
-            add_legacy_rope_fields(os.path.join(save_directory, "config.json"))
+            make_config_portable(os.path.join(save_directory, "config.json"))
             follow_umask(save_directory)
 
     def __init__(self, config: LlavaConfig | LlavaNextConfig):

@@ -29,4 +29,5 @@ class ArchitectureArguments:
     )
 
     def __post_init__(self) -> None:
-        self.grid_pinpoints = parse_pinpoints(self.image_grid_pinpoints)  # refuses what is not a grid
+        tower = getattr(self, "vision_model_name_or_path", None) or getattr(self, "model_name_or_path", None)
+        self.grid_pinpoints = parse_pinpoints(self.image_grid_pinpoints, tower)  # refuses what is not a grid

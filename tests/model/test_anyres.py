@@ -1,7 +1,9 @@
 """LLaVA-NeXT (anyres): the tokens counted for each image equal the features the model produces for it, for every
 size and aspect ratio and for CLIP and SigLIP towers; the grid flags and the towers it cannot tile are refused."""
 
+import json
 import random
+import re
 
 import pytest
 import torch
@@ -84,6 +86,17 @@ def test_too_small_images_are_refused(anyres):
 def test_bad_pinpoints_are_refused(value, message):
     with pytest.raises(ConfigurationError, match=message):
         parse_pinpoints(value)
+
+
+@pytest.mark.parametrize("value", ["[[32, 64], [64]]", "[[32, 64]"], ids=["not_pairs", "not_json"])
+def test_malformed_pinpoints_get_an_example_of_the_towers_size(parts, value):
+    """The example grid is llava-v1.6's for the tower named (32-pixel tiles here), not a 336-pixel tower's."""
+    example = re.escape(f"'{json.dumps(default_pinpoints(IMAGE_SIZE)[:3])}' for this {IMAGE_SIZE}-pixel tower")
+    with pytest.raises(ConfigurationError, match=example):
+        ModelArguments(vision_model_name_or_path=parts["vision"], language_model_name_or_path=parts["lm"],
+                       architecture="llava_next", image_grid_pinpoints=value)
+    with pytest.raises(ConfigurationError, match=r"\[\[T, 2T\], \[2T, T\], \[2T, 2T\]\]' with T the tower's image"):
+        parse_pinpoints(value, tower=str(parts["root"] / "no_such_tower"))
 
 
 def test_pinpoints_off_the_tile_size_are_refused(parts):

@@ -20,6 +20,7 @@ from llava.model.modeling import LlavaForConditionalGeneration
 from llava.train import main
 from llava.training.arguments import ModelArguments
 from llava.training.build import processor_for
+from tests.helpers.outputs import assert_loads_and_generates
 from tests.helpers.portable import HUB_PREFIXES, run_consumer, tensor_names
 from tests.helpers.portable_consumer import consume, preprocess
 from tests.helpers.tiny_parts import save_language_model
@@ -123,6 +124,7 @@ def test_processor_and_generation_files_serve_elsewhere(outputs):
                 processor["num_additional_image_tokens"]) == (8, "default", 1), kind
         assert read_json(folder, "preprocessor_config.json")["crop_size"] == {"height": 32, "width": 32}, kind
         assert os.path.isfile(os.path.join(folder, "chat_template.jinja")), kind
+        assert read_json(folder, "config.json")["use_cache"] is True, kind
         generation = read_json(folder, "generation_config.json")
         im_end = transformers.AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids("<|im_end|>")
         eos = generation["eos_token_id"]
@@ -136,6 +138,21 @@ def test_pipeline_answers_an_image_question(outputs, parts):
     # The untrained model may end its turn at once: min_new_tokens keeps the answer from being empty.
     (answer,) = pipe(text=messages, generate_kwargs={"min_new_tokens": 4, "max_new_tokens": 4}, return_full_text=False)
     assert isinstance(answer["generated_text"], str) and answer["generated_text"]
+
+
+def test_saved_configs_turn_the_cache_on_while_training_keeps_it_off(llava_checkpoint, tmp_path):
+    """Trainer sets `use_cache` False for training (`TrainingArguments.use_cache`), and every save (checkpoint-N,
+    final output, LoRA base and merge) comes through `save_pretrained`: the file says true, so servers and plain
+    transformers keep past keys and values; the model being trained keeps it off."""
+    model = LlavaForConditionalGeneration.from_pretrained(llava_checkpoint)
+    model.config.use_cache = False  # what Trainer sets
+    model.save_pretrained(tmp_path)
+    save_processor(transformers.AutoProcessor.from_pretrained(llava_checkpoint), str(tmp_path))
+    config = read_json(str(tmp_path), "config.json")
+    assert config["use_cache"] is True and config["text_config"]["use_cache"] is True
+    assert model.config.use_cache is False
+    assert transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).config.text_config.use_cache is True
+    assert_loads_and_generates(str(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------- layouts on load
