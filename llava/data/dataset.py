@@ -23,7 +23,8 @@ from llava.data.types import DataError, Sample
 
 logger = logging.getLogger(__name__)
 
-# Samples a process loads before `LlavaDataset.item` judges whether most of them fail.
+# Image samples a process loads before `LlavaDataset.item` judges whether most of them fail, at most (see
+# `LlavaDataset._loads_to_judge`).
 _MIN_LOADS_TO_JUDGE = 20
 
 
@@ -51,7 +52,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.images = images  # one per data file: `sample.source` picks it
         self.skip_invalid = skip_invalid
         self.max_image_pixels = max_image_pixels
-        self._loads = self._failures = 0  # this process's, for `item`'s refusal of mostly broken data
+        self._image_samples = _count_image_samples(samples)
+        self._loads = self._failures = 0  # this process's image loads, for `item`'s refusal of mostly broken data
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -65,6 +67,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         """The items at `indices` (repeats allowed), in that order."""
         selected = copy.copy(self)
         selected.samples, selected.rows = [self.samples[i] for i in indices], self.rows[indices]
+        selected._image_samples = _count_image_samples(selected.samples)
         return selected
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -76,28 +79,43 @@ class LlavaDataset(torch.utils.data.Dataset):
         must not grow past it).
 
         Raises:
-            DataError: the sample fails and `skip_invalid` is off; or more than half of the samples this process
-                loaded failed (the data is broken as a whole, e.g. every image corrupt: training on what is left,
-                text only, would not be what was asked for); or nothing loads.
+            DataError: the sample fails and `skip_invalid` is off; or more than half of the image samples this
+                process loaded failed (the images are broken as a whole, e.g. every one corrupt: training on what
+                is left, text only, would not be what was asked for; text-only samples are not counted, or many of
+                them would hide it); or nothing loads.
         """
         for offset in range(len(self.samples)):
             candidate = (index + offset) % len(self.samples)
             if offset and max_tokens is not None and self.store.lengths[self.rows[candidate]] > max_tokens:
                 continue
-            self._loads += 1
+            self._loads += bool(self.samples[candidate].images)
             try:
                 return self._item(candidate)
-            except DataError as error:
+            except DataError as error:  # only images fail to load
                 if not self.skip_invalid:
                     raise
                 self._failures += 1
-                if self._loads >= _MIN_LOADS_TO_JUDGE and 2 * self._failures > self._loads:
-                    raise DataError(f"{self._failures} of the {self._loads} samples loaded so far failed (the last: "
-                                    f"{error}); --skip_invalid_samples skips a few broken files, not broken data. "
-                                    "Check the images, e.g. with `python -m llava.validate_data`, which decodes "
-                                    "every one.", kind="mostly_broken") from None
+                if self._loads >= self._loads_to_judge() and 2 * self._failures > self._loads:
+                    raise DataError(f"{self._failures} of the {self._loads} image samples loaded so far failed (the "
+                                    f"last: {error}); --skip_invalid_samples skips a few broken files, not broken "
+                                    "data. Check the images, e.g. with `python -m llava.validate_data`, which "
+                                    "decodes every one.", kind="mostly_broken") from None
                 logger.warning("skipping a sample that failed at load time: %s", error)
         raise DataError("every sample failed to load; check --image_folder and the image files.")
+
+    def _loads_to_judge(self) -> int:
+        """How many image samples this process must have loaded before `item` judges whether most fail.
+
+        Why not a fixed count: each DataLoader worker holds its own copy of the dataset, re-created every epoch, and
+        loads about 1/(workers x processes) of the epoch's image samples, so a count above that share is never
+        reached and a small data set whose every image is corrupt would train on its text alone. The share itself
+        (capped at `_MIN_LOADS_TO_JUDGE`, enough to tell a few broken files from broken data) is reached by the end
+        of the worker's epoch, so it judges over all it loads, as the checking pass judges over all samples; at
+        least 1, so a worker with a single image sample to load still judges it.
+        """
+        info = torch.utils.data.get_worker_info()
+        loaders = (info.num_workers if info else 1) * int(os.environ.get("WORLD_SIZE", "1"))
+        return max(1, min(_MIN_LOADS_TO_JUDGE, self._image_samples // loaders))
 
     def _item(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.samples[index]
@@ -130,6 +148,10 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise DataError(f"{sample.describe()}: its images now give {now} tokens, not the {counts.tolist()} counted "
                             "when the data was checked (replaced since?); clear the data cache or restore them.",
                             kind="image_changed")
+
+
+def _count_image_samples(samples: list[Sample]) -> int:
+    return sum(1 for sample in samples if sample.images)
 
 
 def build_dataset(sources: Mixture, processor: ProcessorMixin, image_tokens: ImageTokens, max_length: int,

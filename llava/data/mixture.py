@@ -122,12 +122,16 @@ def file_stamps(path: str) -> list[list]:
 
 def read_mixture(data_path: str, image_folder: str | None) -> Mixture:
     """The mixture that `--data_path` names (see the module docstring); `image_folder` (--image_folder) is the
-    default of every source. Amounts, mixture files and every file they name are checked here, before anything
-    loads: a missing file is refused with its name."""
+    default of every source. Amounts, mixture files and every file and folder they name are checked here, before
+    anything loads: a missing one is refused with its name (a missing image folder once, not once per sample)."""
     entries = [entry.strip() for entry in data_path.split(",") if entry.strip()]
     if not entries:
         raise DataError(f"--data_path {data_path!r} names no data file; give one or more .json/.jsonl/.parquet/"
                         ".arrow files (comma-separated) or a mixture file.", kind="missing_data_file")
+    if image_folder is not None and not os.path.isdir(image_folder):
+        problem = "is not a folder" if os.path.exists(image_folder) else "no such folder"
+        raise DataError(f"--image_folder {image_folder}: {problem}; pass the folder that the samples' image paths "
+                        "are relative to (or leave the flag out for text-only data).", kind="missing_image_folder")
     if len(entries) == 1 and _is_mixture_file(entries[0]):
         return _read_mixture_file(entries[0], image_folder)
     sources = []
@@ -168,6 +172,12 @@ def _is_mixture_file(path: str) -> bool:
 
 
 def _read_mixture_file(path: str, image_folder: str | None) -> Mixture:
+    return Mixture(tuple(_source(entry, f"{path}: sources[{index}]", path, image_folder)
+                         for index, entry in enumerate(_mixture_entries(path))))
+
+
+def _mixture_entries(path: str) -> list:
+    """The 'sources' entries of mixture file `path`, unchecked; refused when the file is missing or malformed."""
     import yaml  # only mixture files need it
 
     if not os.path.isfile(path):
@@ -190,13 +200,11 @@ def _read_mixture_file(path: str, image_folder: str | None) -> Mixture:
     if set(content) != {"sources"}:
         raise DataError(f"{path}: unknown keys {sorted(set(content) - {'sources'})}; a mixture file holds only "
                         "'sources'.", kind="bad_mixture")
-    base = os.path.dirname(path)
-    return Mixture(tuple(_source(entry, f"{path}: sources[{index}]", base, image_folder)
-                         for index, entry in enumerate(content["sources"])))
+    return content["sources"]
 
 
-def _source(entry, where: str, base: str, image_folder: str | None) -> Source:
-    """One entry of a mixture file's 'sources', its relative paths taken from the mixture file's folder."""
+def _source(entry, where: str, mixture_file: str, image_folder: str | None) -> Source:
+    """One entry of `mixture_file`'s 'sources', its relative paths taken from the mixture file's folder."""
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
         raise DataError(f"{where}: each source is a mapping with a 'path' (and optional 'amount', "
                         f"'image_folder'), got {json.dumps(entry, default=repr)[:80]}.", kind="bad_mixture")
@@ -205,8 +213,11 @@ def _source(entry, where: str, base: str, image_folder: str | None) -> Source:
     if unknown:
         raise DataError(f"{where}: unknown keys {unknown}; a source has {', '.join(SOURCE_KEYS)}.",
                         kind="bad_mixture")
+    base = os.path.dirname(mixture_file)
     path = os.path.join(base, entry["path"])
     _check_exists(path, where)
+    if _is_mixture_file(path):
+        raise _nested_mixture(path, where, mixture_file)
     amount = None if entry.get("amount") is None else parse_amount(entry["amount"], where)
     folder = entry.get("image_folder")
     if folder is not None:
@@ -214,6 +225,43 @@ def _source(entry, where: str, base: str, image_folder: str | None) -> Source:
             raise DataError(f"{where}: image_folder {folder!r} is not a folder.", kind="bad_mixture")
         image_folder = os.path.join(base, folder)
     return Source(path, amount, image_folder)
+
+
+def _nested_mixture(path: str, where: str, mixture_file: str) -> DataError:
+    """The refusal of source `path` of `mixture_file`, a mixture file itself (its data would otherwise be read as
+    a data file, "malformed JSON"): a mixture cycle, naming its files, when the mixture files it names lead back to
+    one on the way; else a nested mixture. Mixture files do not nest (what would an amount of a mixture take?)."""
+    cycle = _cycle([mixture_file], path)
+    if cycle:
+        return DataError(f"{where}: mixture cycle: {' -> '.join(cycle)}; each names the next as a source. A "
+                         "mixture file's sources are data files: list theirs in one mixture file.", kind="bad_mixture")
+    return DataError(f"{where}: {path} is a mixture file too, and mixture files do not nest; list its sources in "
+                     f"{mixture_file} instead.", kind="bad_mixture")
+
+
+def _cycle(chain: list[str], path: str) -> list[str] | None:
+    """`chain` (mixture files, each naming the next) followed on by `path` and the mixture files it names, until a
+    file comes again: that file and the ones up to its return, or None when none comes again."""
+    seen = [os.path.realpath(file) for file in chain]
+    if os.path.realpath(path) in seen:
+        return chain[seen.index(os.path.realpath(path)):] + [path]
+    for nested in _mixture_sources(path):
+        cycle = _cycle([*chain, path], nested)
+        if cycle:
+            return cycle
+    return None
+
+
+def _mixture_sources(path: str) -> list[str]:
+    """The sources of mixture file `path` that are mixture files too; none when `path` does not read (it is then
+    refused as nested all the same)."""
+    try:
+        entries = _mixture_entries(path)
+    except DataError:
+        return []
+    paths = [os.path.join(os.path.dirname(path), entry["path"]) for entry in entries
+             if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]]
+    return [source for source in paths if _is_mixture_file(source)]
 
 
 def _check_exists(path: str, where: str) -> None:

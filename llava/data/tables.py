@@ -146,13 +146,14 @@ def is_embedded(reference: str) -> bool:
 
 
 class EmbeddedImage(io.BytesIO):
-    """An embedded image's bytes, named by where they are in error messages."""
+    """An embedded image's bytes, named by where they are (table, row, column) in error messages, whether they format
+    it with str or, as PIL names a file it cannot identify, with repr (str falls back to it)."""
 
     def __init__(self, data: bytes, where: str):
         super().__init__(data)
         self.where = where
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:
         return self.where
 
 
@@ -165,4 +166,4 @@ def embedded_image(table, path: str, reference: str) -> EmbeddedImage:
     value = table[row].column(column)[0]
     image = value[k] if isinstance(value, pa.ListScalar) else value
     data = image["bytes"].as_py() if isinstance(image, pa.StructScalar) else image.as_py()
-    return EmbeddedImage(data, f"{path}[{row}] image {k} (embedded)")
+    return EmbeddedImage(data, f"{path}[{row}] column {column!r} image {k} (embedded)")

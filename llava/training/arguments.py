@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 from llava.model.processor import check_chat_template_path
 from llava.training.architecture_arguments import ArchitectureArguments
 from llava.training.distributed import keeping_started_state, start_deepspeed_on_cpu
+from llava.training.numeric_flags import check_numeric_flags
 from llava.training.trainable_weights import CheckpointWeightsArguments
 from llava.utils.files import cache_root
 
@@ -360,6 +361,7 @@ class LlavaTrainingArguments(CheckpointWeightsArguments, TrainingArguments):
     def __post_init__(self) -> None:
         self._set_multi_process_defaults()
         super().__post_init__()
+        check_numeric_flags(self)
         fsdp = self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # accelerate launch
         if fsdp and self.use_cpu:
             logger.warning("FSDP is ignored on CPU (accelerate shards only GPU runs): the processes run DDP, each "
@@ -379,9 +381,6 @@ class LlavaTrainingArguments(CheckpointWeightsArguments, TrainingArguments):
                              "--freeze_vision_model False, --freeze_projector False, --freeze_language_model False.")
         for flag, frozen in (("projector_lr", "freeze_projector"), ("vision_lr", "freeze_vision_model")):
             value = getattr(self, flag)
-            if value is not None and not value > 0:
-                raise ValueError(f"--{flag} must be positive, got {value}: a negative rate trains away from the "
-                                 "data, zero trains nothing (freeze the component instead).")
             if value is not None and getattr(self, frozen):
                 raise ValueError(f"--{flag} {value} is the learning rate of a component that --{frozen} True keeps "
                                  f"fixed, so it would reach no parameter. Drop --{flag}, or pass --{frozen} False to "

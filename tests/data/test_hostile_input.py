@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from llava import validate_data
@@ -179,6 +180,14 @@ DATA = ["--data_path", "a.json", "--output_dir", "out"]
 @pytest.mark.parametrize("flags, message", [
     (["--projector_lr=-1e-3"], "--projector_lr must be positive, got -0.001"),
     (["--vision_lr", "0"], "--vision_lr must be positive, got 0.0"),
+    # accepted by transformers, refused by torch after the model loads
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    (["--dataloader_num_workers=-1"], "--dataloader_num_workers must be 0 .* or more, got -1"),
+    (["--learning_rate=-1e-3"], "--learning_rate must not be negative, got -0.001"),
+    (["--adam_beta1", "1.5"], r"--adam_beta1 must be at least 0 and below 1, got 1.5"),
+    (["--adam_beta2=-0.1"], r"--adam_beta2 must be at least 0 and below 1, got -0.1"),
+    (["--adam_epsilon=-1"], "--adam_epsilon must not be negative, got -1.0"),
     (["--chat_template", "templates/chatml.jinja"], "--chat_template templates/chatml.jinja: no such file"),
     (["--chat_template", "my_template.J2"], "no such file"),
 ])
@@ -267,6 +276,20 @@ def test_images_that_do_not_decode_pass_a_header_check_and_fail_a_full_one(parts
     assert validate_data.main([*model, "--decode_images", "False"]) == 0
 
 
+def test_a_missing_image_folder_is_refused_once_before_any_sample(parts, tmp_path):
+    """Not as one missing_image problem per sample: the flag and the folder, once, before any model loads."""
+    from llava import train
+
+    missing = str(tmp_path / "no_such_images")
+    model = ["--vision_model_name_or_path", parts["vision"], "--language_model_name_or_path", parts["lm"],
+             "--data_path", parts["data"], "--image_folder", missing]
+    for main, extra in ((validate_data.main, []), (train.main, ["--output_dir", str(tmp_path / "out")])):
+        with pytest.raises(DataError, match=f"^--image_folder {missing}: no such folder; pass the folder") as error:
+            main([*model, *extra])
+        assert error.value.kind == "missing_image_folder"
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_an_ordinary_word_as_the_image_token_is_refused(parts):
     with pytest.raises(ValueError, match="--image_token 'the' is an ordinary token"):
         processor_for(ModelArguments(vision_model_name_or_path=parts["vision"], language_model_name_or_path=parts["lm"],
@@ -291,11 +314,33 @@ def test_mostly_broken_images_at_load_time_end_the_run(parts, processor, tmp_pat
     records = [qa(f"s{i}", image=names["cut_png"]) for i in range(30)] + [qa("text", image=None)]
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in records])
     dataset = dataset_from([path], processor, 512, folder, skip_invalid=True)
-    with pytest.raises(DataError, match=r"of the \d+ samples loaded so far failed .*--skip_invalid_samples skips a "
-                                        "few broken files") as error:
+    with pytest.raises(DataError, match=r"of the \d+ image samples loaded so far failed .*--skip_invalid_samples "
+                                        "skips a few broken files") as error:
         for index in range(len(dataset)):
             dataset[index]
     assert error.value.kind == "mostly_broken"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_broken_images_among_many_text_samples_end_the_run(processor, tmp_path, workers):
+    """Judged over image samples only (60 text-only ones hid 6 corrupt images, and the run trained on text), and
+    over what one DataLoader worker loads in an epoch (each of 2 loads 3 image samples here, never 20); a minority
+    of broken images (2 of 10) is still skipped."""
+    folder = str(tmp_path / "images")
+    save_images(folder)
+    broken = broken_images(folder)["cut_png"]
+
+    def epoch(image_samples: int, broken_ones: int) -> list:
+        records = [qa(f"t{i}", image=None, question="Hi?") for i in range(60)]
+        for i in range(image_samples):  # spread over the epoch, broken ones first
+            records.insert(i * 7, qa(f"i{i}", image=broken if i < broken_ones else "img0.png"))
+        path = write_jsonl(tmp_path / f"d{image_samples}.jsonl", [json.dumps(r) for r in records])
+        dataset = dataset_from([path], processor, 512, folder, skip_invalid=True)
+        return list(torch.utils.data.DataLoader(dataset, num_workers=workers, collate_fn=list))
+
+    assert len(epoch(10, 2)) == 70
+    with pytest.raises(DataError, match=r"of the \d+ image samples loaded so far failed"):
+        epoch(6, 6)
 
 
 def test_a_replaced_sample_never_grows_its_packed_row(parts, processor, tmp_path):

@@ -58,8 +58,8 @@ def items(dataset):
 
 def test_amounts_and_the_plain_form_parse(tmp_path):
     a, b, c = touch(tmp_path, "a.json", "b.jsonl", "c.json")
-    mixture = read_mixture(f"{a}:0.7,{b}:30%,{c}:12", "imgs")
-    assert mixture.paths == [a, b, c] and mixture.image_folders == ["imgs"] * 3
+    mixture = read_mixture(f"{a}:0.7,{b}:30%,{c}:12", str(tmp_path))
+    assert mixture.paths == [a, b, c] and mixture.image_folders == [str(tmp_path)] * 3
     amounts = [(s.amount.value, s.amount.fraction) for s in mixture.sources]
     assert amounts == [(0.7, True), (0.3, True), (12, False)]
     plain = read_mixture(f"{a}, {b}", None)
@@ -71,12 +71,14 @@ def test_mixture_file_yaml_and_json_with_per_source_folders(tmp_path):
     data.mkdir()
     touch(data, "a.json", "b.jsonl")
     (data / "images_b").mkdir()
+    default = tmp_path / "default_images"
+    default.mkdir()
     (tmp_path / "mix.yaml").write_text("sources:\n  - path: data/a.json\n    amount: 0.5\n"
                                        "  - {path: data/b.jsonl, amount: 2000, image_folder: data/images_b}\n"
                                        "  - path: data/a.json\n    amount: 150%\n")
-    mixture = read_mixture(str(tmp_path / "mix.yaml"), "default_images")
+    mixture = read_mixture(str(tmp_path / "mix.yaml"), str(default))
     assert mixture.paths == [str(data / "a.json"), str(data / "b.jsonl"), str(data / "a.json")]
-    assert mixture.image_folders == ["default_images", str(data / "images_b"), "default_images"]
+    assert mixture.image_folders == [str(default), str(data / "images_b"), str(default)]
     assert [s.amount.text for s in mixture.sources] == ["0.5", "2000", "150%"]
     assert [s.amount.count(10) for s in mixture.sources] == [5, 2000, 15]
     as_json = tmp_path / "mix.json"  # recognised by its content (a mapping), not only by its name
@@ -116,6 +118,27 @@ def test_bad_mixture_files_are_refused_before_anything_loads(tmp_path, case):
     (tmp_path / name).write_text(text)
     with pytest.raises(DataError, match=message):
         main([*PARTS, "--data_path", str(tmp_path / name)])
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"mix.yaml": "sources: [{path: a.json}, {path: mix.yaml}]"},
+     r"mix.yaml: sources\[1\] \(mix.yaml\): mixture cycle: {d}/mix.yaml -> {d}/mix.yaml; "),
+    ({"mix.json": '{"sources": [{"path": "./mix.json"}]}'}, r"mixture cycle: {d}/mix.json -> {d}/./mix.json"),
+    ({"mix.yaml": "sources: [{path: sub/b.yaml}]", "sub/b.yaml": "sources: [{path: ../mix.yaml}]"},
+     r"mix.yaml: sources\[0\] \(sub/b.yaml\): mixture cycle: {d}/mix.yaml -> {d}/sub/b.yaml -> {d}/sub/../mix.yaml"),
+    ({"mix.yaml": "sources: [{path: b.yaml}]", "b.yaml": "sources: [{path: a.json}]"},
+     r"sources\[0\] \(b.yaml\): {d}/b.yaml is a mixture file too, and mixture files do not nest; list its "
+     r"sources in {d}/mix.yaml instead"),
+])
+def test_mixture_files_naming_mixture_files_are_refused_naming_the_cycle(tmp_path, files, message):
+    """Read as a data file, a mixture file named as a source was "malformed JSON at column 1"."""
+    touch(tmp_path, "a.json")
+    (tmp_path / "sub").mkdir()
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=message.format(d=tmp_path)) as error:
+        main([*PARTS, "--data_path", str(tmp_path / next(iter(files)))])
+    assert error.value.kind == "bad_mixture"
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -376,8 +399,9 @@ def test_bad_embedded_images_are_named_by_file_row_and_id(processor, tmp_path, d
     with pytest.raises(DataError) as error:
         dataset_from([path], processor, 512, None)
     report = str(error.value)
-    assert (f"[corrupt_image] {path}[1] (id 'corrupt'): unreadable or corrupt image {path}[1] image 0 "
-            "(embedded)") in report
+    embedded = f"{path}[1] column 'images' image 0 (embedded)"  # table, row, column; never an object's repr
+    assert (f"[corrupt_image] {path}[1] (id 'corrupt'): unreadable or corrupt image {embedded}: cannot identify "
+            f"image file {embedded}\n") in report
     assert f"[malformed_sample] {path}[2] (id 'empty'): image 0 has neither bytes nor a path" in report
     assert "2 of 3 samples invalid" in report
 
