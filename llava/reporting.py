@@ -2,8 +2,8 @@
 no Python traceback (`TRAIN_LLAVA_TRACEBACK=1` shows it, for debugging).
 
 Only errors that describe the input are reported so (bad data files and samples, flag combinations, an output_dir
-that is busy, unwritable or half-published, checkpoints that cannot be resumed); anything else is a bug and keeps
-its traceback.
+that is busy, unwritable, half-published or out of space, checkpoints that cannot be resumed, files the libraries
+refuse to load); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import os
 import sys
 from collections.abc import Callable
 
-from llava.data.types import ConfigurationError, DataError
+from llava.data.types import USER_ERROR_EXIT_CODE, ConfigurationError, DataError
 from llava.model.final_output import IncompleteFinalOutputError
-from llava.training.checkpoint_errors import ForeignCheckpointError, MissingCheckpointError
+from llava.training.checkpoint_errors import ForeignCheckpointError, MissingCheckpointError, OutOfSpaceError
 from llava.training.run_lock import OutputDirBusyError, OutputDirNotWritableError
 
 TRACEBACK_ENV = "TRAIN_LLAVA_TRACEBACK"
 USER_ERRORS = (DataError, ConfigurationError, OutputDirBusyError, OutputDirNotWritableError, IncompleteFinalOutputError,
-               ForeignCheckpointError, MissingCheckpointError)
-USER_ERROR_EXIT_CODE = 2  # argparse's status for a bad command line
+               ForeignCheckpointError, MissingCheckpointError, OutOfSpaceError)
 
 
 def run_command(main: Callable[[], object]) -> None:

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         return run_pipeline(argv)
     # Imported here: a pipeline's process never needs them (it stays free of torch while its stages train).
     from llava.data.mixture import read_mixture
+    from llava.model.library_refusals import naming_library_refusals
     from llava.training.parsing import check_model_paths, parse_args
     from llava.training.run import train
     from llava.training.run_lock import run_lock
@@ -45,8 +46,17 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     args = parse_args(argv)
     check_model_paths(args.model)
     mixture = read_mixture(args.data.data_path, args.data.image_folder)
-    with run_lock(args.training.output_dir):
+    with run_lock(args.training.output_dir), naming_library_refusals(read_folders(args)):
         return train(args, mixture, callbacks)
+
+
+def read_folders(args) -> list[str]:
+    """The folders a run loads files from: its model parts, and the output_dir (or the folder
+    --resume_from_checkpoint names) whose checkpoint-N it resumes."""
+    model, training = args.model, args.training
+    folders = [model.model_name_or_path, model.vision_model_name_or_path, model.language_model_name_or_path,
+               training.resume_from_checkpoint, training.output_dir]
+    return [folder for folder in folders if isinstance(folder, str) and os.path.isdir(folder)]
 
 
 if __name__ == "__main__":

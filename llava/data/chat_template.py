@@ -89,13 +89,28 @@ class ChatTemplate:
         """Render `messages` with `texts` in place of their contents (`texts[i]` for `messages[i]`)."""
         conversation = [{"role": m.role, "content": text if self.string_content else self._structured(text)}
                         for m, text in zip(messages, texts)]
-        with _time_limit(self.render_time_limit):
+        with _time_limit(self.render_time_limit), self._sandbox_refusals_named():
             if self._compiled_template is not None:
                 return self._compiled_template.render(messages=conversation, tools=None, documents=None,
                                                       add_generation_prompt=add_generation_prompt,
                                                       **self._template_variables)
             return self.tokenizer.apply_chat_template(conversation, chat_template=self.template,
                                                       tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    @contextlib.contextmanager
+    def _sandbox_refusals_named(self) -> Iterator[None]:
+        """Jinja's sandbox refusing what the template does (reaching Python internals), raised as a
+        `ConfigurationError` naming whose template it is: Jinja's own error names neither."""
+        from jinja2.exceptions import SecurityError
+
+        try:
+            yield
+        except SecurityError as error:
+            raise ConfigurationError(
+                f"The chat template of {self.model_name} (--chat_template when given, else its chat_template.jinja "
+                f"or tokenizer_config.json) does what Jinja's sandbox forbids: {error} Templates render untrusted "
+                "text, so transformers runs them sandboxed and refuses this one everywhere: fix the template, or "
+                "pass another with --chat_template.") from None
 
     def _compile_template(self) -> None:
         """Render with transformers' compiled template directly, when that gives what `apply_chat_template` gives

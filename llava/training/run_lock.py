@@ -6,7 +6,7 @@ touch it, so they cannot lock each other out, and a second job fails on its rank
 
 The kernel drops a flock when its holder dies, so a run killed with SIGKILL leaves no lock behind, only the file
 and its text: the next run takes over with a warning naming the dead run. A run that ends normally (finished,
-failed or preempted) deletes the file, so a finished output folder holds only the model's files. A lock still held
+failed, preempted, or stopped by SIGTERM before or after training, which would otherwise end it on the spot) deletes the file, so a finished output folder holds only the model's files. A lock still held
 by a process that is not the named (dead) run, e.g. a leftover DataLoader worker that inherited it, is broken when
 that run's pid is gone from this host.
 """
@@ -18,9 +18,11 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -66,12 +68,34 @@ def run_lock(output_dir: str) -> Iterator[None]:
     path = os.path.join(output_dir, LOCK_NAME)
     lock = _acquire(path)
     try:
-        yield
+        with exiting_on_sigterm():
+            yield
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)  # while still locked: a run that opens it now finds it gone and retries (`_acquire`)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
+
+
+@contextlib.contextmanager
+def exiting_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises SystemExit(128 + SIGTERM, the status of a process it ended) in the block, where it would end
+    the process on the spot (its default), so `finally` blocks run: the lock file is removed. Training replaces the
+    handler with its own while it runs (a checkpoint, then exit, see `llava.training.preemption`); outside the main
+    thread, where no handler can be set, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def exit_now(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _acquire(path: str):

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 
 import torch
@@ -22,6 +23,7 @@ from llava.model.components import components, parameter_table
 from llava.model.final_output import prepare_staging, publish_final_output, staging_folder
 from llava.model.hub_format import find_end_of_turn_ids, load_saved_weights, make_processor_files_portable
 from llava.training.arguments import LlavaTrainingArguments
+from llava.training.checkpoint_errors import OutOfSpaceError
 from llava.training.checkpoints import begin_save, latest_complete_checkpoint, mark_complete, rotate_checkpoints
 from llava.training.preemption import PreemptionCallback, ignoring_sigterm, stop_dataloader_workers
 from llava.training.samplers import SeededLengthGroupedSampler
@@ -116,13 +118,14 @@ class LlavaTrainer(Trainer):
         try:
             with self._inside_checkpoint_save():
                 super()._save_checkpoint(model, trial)
-        except (OSError, RuntimeError) as error:
+        except Exception as error:  # noqa: BLE001 - safetensors' SafetensorError is neither OSError nor RuntimeError
             if not _out_of_space(error):
                 raise
-            raise OSError(errno.ENOSPC, f"No space left on device while saving {folder} ({error}). That folder is "
-                          "incomplete and will not be resumed from; the previous checkpoint, "
-                          f"{latest_complete_checkpoint(os.path.dirname(folder)) or 'none'}, is kept. Free space "
-                          "(or lower --save_total_limit) and rerun with --resume_from_checkpoint True.") from error
+            raise OutOfSpaceError(
+                f"No space left on device while saving {folder} ({error}). That folder is incomplete and will not "
+                "be resumed from; the previous checkpoint, "
+                f"{latest_complete_checkpoint(os.path.dirname(folder)) or 'none'}, is kept. Free space (or lower "
+                "--save_total_limit) and rerun with --resume_from_checkpoint True.") from error
         self.accelerator.wait_for_everyone()  # every process has written its files
         if self.args.should_save:
             for name, value in self.checkpoint_records.items():
@@ -193,7 +196,17 @@ class LlavaTrainer(Trainer):
             staging = prepare_staging(output_dir)
             self.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()
-        write(staging_folder(output_dir))
+        try:
+            write(staging_folder(output_dir))
+        except Exception as error:  # noqa: BLE001 - see `_save_checkpoint`
+            if not _out_of_space(error):
+                raise
+            shutil.rmtree(staging_folder(output_dir), ignore_errors=True)  # a partial copy: give its space back
+            raise OutOfSpaceError(
+                f"No space left on device while writing the final output of {output_dir} ({error}). Nothing there "
+                "was replaced (a final output already there is intact) and the last checkpoint, "
+                f"{latest_complete_checkpoint(output_dir) or 'none'}, is kept. Free space and rerun the same "
+                "command: it resumes from that checkpoint and writes the final output.") from error
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             publish_final_output(output_dir)
@@ -267,7 +280,8 @@ class LlavaTrainer(Trainer):
 
 
 def _out_of_space(error: Exception) -> bool:
-    """Whether a save failed for a full disk: ENOSPC, or torch's zip writer's way of saying so ("unexpected pos")."""
+    """Whether a save failed for a full disk: ENOSPC, or torch's zip writer's way of saying so ("unexpected pos"),
+    or safetensors' ("I/O error: No space left on device (os error 28)")."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
     return "unexpected pos" in str(error) or "No space left on device" in str(error)

@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 from llava.model.final_output import (FINAL_MARKER, PUBLISHING, STAGING, IncompleteFinalOutputError, check_final_output,
                                       finish_interrupted_publish, prepare_staging, publish_final_output)
 from llava.model.modeling import LlavaForConditionalGeneration
+from llava.reporting import run_command
 from llava.train import main
+from llava.training.checkpoint_errors import OutOfSpaceError
 from llava.training.checkpoints import (COMPLETE_MARKER, ForeignCheckpointError, begin_save, is_complete,
                                         resolve_resume_checkpoint, rotate_checkpoints)
 from llava.training.preemption import PREEMPTED_EXIT_CODE
@@ -151,6 +153,36 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, ca
     opened_meanwhile.close()
 
 
+STALLED_MODEL_LOAD = """
+import sys, time
+import llava.training.run as run
+loading = run.model_for_training
+
+def stalled(*args, **kwargs):
+    open(sys.argv[1], "w").close()
+    time.sleep(120)
+    return loading(*args, **kwargs)
+
+run.model_for_training = stalled
+from llava.reporting import run_command
+from llava.train import main
+run_command(lambda: main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_while_the_model_loads_exits_143_and_removes_the_lock(parts, tmp_path):
+    """Before training (no checkpoint to save yet) SIGTERM ended the run on the spot, lock file left behind."""
+    out, started = tmp_path / "out", str(tmp_path / "loading")
+    run = Run("-c", [STALLED_MODEL_LOAD, started, "--vision_model_name_or_path", parts["vision"],
+                     "--language_model_name_or_path", parts["lm"], "--data_path", parts["data"], "--image_folder",
+                     parts["images"], "--output_dir", str(out), *CHECKPOINTED, "--max_steps", "2"],
+              tmp_path / "log")
+    run.wait_for(lambda: os.path.exists(started))
+    assert os.path.exists(out / LOCK_NAME)
+    assert run.stop(signal.SIGTERM) == PREEMPTED_EXIT_CODE, run.log()[-3000:]
+    assert not os.path.exists(out / LOCK_NAME)
+
+
 def test_a_read_only_output_dir_is_refused_up_front(tmp_path):
     folder = tmp_path / "read_only"
     folder.mkdir()
@@ -192,6 +224,61 @@ def test_a_full_disk_during_the_optimizer_save_is_named_and_the_previous_checkpo
         main(["--model_name_or_path", llava_checkpoint, "--data_path", parts["data"], "--image_folder",
               parts["images"], "--output_dir", str(out), *CHECKPOINTED, "--max_steps", "4"])
     assert is_complete(str(out / "checkpoint-2")) and not is_complete(str(out / "checkpoint-4"))
+
+
+def safetensors_disk_full(monkeypatch, folder_name):
+    """safetensors' own error for a full disk (as a 25 MB tmpfs gave it) while it writes into `folder_name`."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    original = transformers.modeling_utils.safe_save_file
+
+    def write(tensors, filename, *args, **kwargs):
+        if os.path.basename(os.path.dirname(str(filename))) == folder_name:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return original(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", write)
+
+
+def test_safetensors_filling_the_disk_in_checkpoint_4_is_one_error_line_and_checkpoint_2_is_kept(
+        parts, llava_checkpoint, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    safetensors_disk_full(monkeypatch, "checkpoint-4")
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(lambda: main(["--model_name_or_path", llava_checkpoint, "--data_path", parts["data"],
+                                  "--image_folder", parts["images"], "--output_dir", str(out), *CHECKPOINTED,
+                                  "--max_steps", "4"]))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-2] == (
+        f"error: No space left on device while saving {out / 'checkpoint-4'} (Error while serializing: I/O error: "
+        "No space left on device (os error 28)). That folder is incomplete and will not be resumed from; the "
+        f"previous checkpoint, {out / 'checkpoint-2'}, is kept. Free space (or lower --save_total_limit) and rerun "
+        "with --resume_from_checkpoint True.")
+    assert is_complete(str(out / "checkpoint-2")) and not is_complete(str(out / "checkpoint-4"))
+    assert not os.path.exists(out / LOCK_NAME)
+
+
+def test_a_full_disk_in_the_final_save_keeps_the_published_output_and_the_checkpoint(
+        parts, llava_checkpoint, tmp_path, monkeypatch):
+    """A rerun of a finished command saves its final output again: the disk filling up meanwhile replaces nothing,
+    the partial copy is removed (its space given back), and a rerun with space again publishes it."""
+    out = tmp_path / "out"
+    run = ["--model_name_or_path", llava_checkpoint, "--data_path", parts["data"], "--image_folder", parts["images"],
+           "--output_dir", str(out), *CHECKPOINTED, "--max_steps", "2"]
+    main(run)
+    published = digest(out / "model.safetensors")
+    with monkeypatch.context() as patch:
+        safetensors_disk_full(patch, STAGING)
+        with pytest.raises(OutOfSpaceError, match=rf"^No space left on device while writing the final output of "
+                                                  rf"{out} \(Error while serializing: .*\)\. Nothing there was "
+                                                  r"replaced .* the last checkpoint, .*checkpoint-2, is kept"):
+            main(run)
+    assert not os.path.exists(out / STAGING) and not os.path.exists(out / PUBLISHING)
+    assert digest(out / "model.safetensors") == published and is_complete(str(out / "checkpoint-2"))
+    check_final_output(str(out))
+    main(run)
+    check_final_output(str(out))
 
 
 # --------------------------------------------------------------------------------------------- kills

@@ -16,9 +16,11 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 from llava.data.mixture import RECORD_NAME, read_mixture
 from llava.data.types import USER_ERROR_EXIT_CODE, ConfigurationError
@@ -124,7 +126,7 @@ def _run_stage(pipeline: Pipeline, stage_plan: StagePlan, manifest: dict, mixtur
         os.makedirs(stage.output_dir, exist_ok=True)
         env = {**os.environ, "TENSORBOARD_LOGGING_DIR": os.path.join(stage.output_dir, "runs"),
                STEP_OFFSET_ENV: str(offset), STAGE_ENV: stage.name}
-        status = subprocess.run([*launcher, "-m", "llava.train", *argv], env=env).returncode
+        status = _run_passing_on_sigterm([*launcher, "-m", "llava.train", *argv], env)
         if status:
             return status
     record = manifest["stages"][stage.name]
@@ -134,6 +136,20 @@ def _run_stage(pipeline: Pipeline, stage_plan: StagePlan, manifest: dict, mixtur
     write_manifest(pipeline.output_dir, manifest)
     logger.info("Stage %s done: %s", stage.name, stage.output_dir)
     return 0
+
+
+def _run_passing_on_sigterm(command: list[str], env: dict) -> int:
+    """Run a stage's `command` to its end and return its exit status; a SIGTERM to this process meanwhile is passed
+    on to it (it saves a checkpoint and exits 143) instead of ending this one first (the stage would be killed, or
+    orphaned with this pipeline's lock left behind)."""
+    process = subprocess.Popen(command, env=env)
+    if threading.current_thread() is not threading.main_thread():
+        return process.wait()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    try:
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _read(folder: str, name: str) -> dict:

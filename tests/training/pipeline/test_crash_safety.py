@@ -1,6 +1,7 @@
 """A pipeline killed with SIGKILL anywhere (inside a stage, in a final save, between stages), then run again with
 the same command, ends with final weights bitwise equal to those of an uninterrupted pipeline."""
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,8 @@ import torch
 
 from llava.training.checkpoints import is_complete
 from llava.training.pipeline.manifest import manifest_path
+from llava.training.preemption import PREEMPTED_EXIT_CODE
+from llava.training.run_lock import LOCK_NAME
 from tests.helpers.pipelines import final_weights, write_pipeline
 from tests.helpers.runs import Run
 
@@ -66,3 +69,23 @@ def test_killed_pipeline_rerun_ends_bitwise_equal(parts, tmp_path, uninterrupted
         assert got.keys() == expected.keys()
         unequal = [key for key in expected if not torch.equal(got[key], expected[key])]
         assert unequal == [], f"{name}: {unequal[:5]}"
+
+
+def test_sigterm_to_the_pipeline_alone_stops_its_stage_with_a_checkpoint_and_no_lock(parts, tmp_path):
+    """A SIGTERM sent to the pipeline's process only (`kill <pid>`) is passed on to the stage training: it saves a
+    checkpoint and exits 143, as the pipeline then does, with no lock left in either output_dir. (The pipeline
+    ended at once, its lock left behind and its stage training on, orphaned.)"""
+    stages = [{"name": "align", "freeze_language_model": True, "learning_rate": "1e-2", "max_steps": 400,
+               "save_steps": 1000}]
+    path = write_pipeline(tmp_path, parts, stages=stages)
+    out = tmp_path / "out"
+    run = Run("train_llava.py", [path], str(tmp_path / "log"), new_session=True)
+    try:
+        run.wait_for(run.training)
+        assert run.stop(signal.SIGTERM) == PREEMPTED_EXIT_CODE, run.log()[-3000:]
+    finally:  # the stage too, wherever the test failed
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.process.pid, signal.SIGKILL)
+    checkpoints = [name for name in os.listdir(out / "align") if name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1 and is_complete(str(out / "align" / checkpoints[0]))
+    assert not os.path.exists(out / LOCK_NAME) and not os.path.exists(out / "align" / LOCK_NAME)
