@@ -3,14 +3,20 @@
 #   make test   - install, run the test suite
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-# The torch wheel this project is tested with. On a machine without torch, pip takes it from this disk
-# (CPU build) where one lies there, else from PyPI (CUDA build on Linux x86-64: right for a GPU box).
-TORCH_REQUIREMENT ?= torch==2.13.0
+# The torch + torchvision pair this project is tested with (torchvision: transformers' default image processors,
+# and LLaVA-OneVision's need it). On x86-64 a CUDA build, which runs on the CPU too: pip takes it from the build
+# machine's disk where it lies there (about a minute, 5.6 GB), else from PyPI (right for a GPU box). On aarch64
+# PyPI's CPU pair. Installed when either is missing; TORCH_REQUIREMENT="torch==2.13.0" (say) chooses another.
+ifeq ($(shell uname -m),aarch64)
+TORCH_REQUIREMENT ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_REQUIREMENT ?= torch==2.14.1 torchvision==0.29.1
+endif
 
 .PHONY: install install-demo install-bench test test-slow demo demo-full bench bench-quick gpu-wheels lmms-eval lmms-eval-env lmms-eval-env-unlocked
 
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_REQUIREMENT)"
+	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_REQUIREMENT)
 	$(PIP) install -q -e ".[dev]"
 
 install-demo: install
