@@ -62,3 +62,4 @@ def test_train_llava_script_help():
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--freeze_vision_model" in result.stdout and "--recompute_mlp_activations" in result.stdout
+    assert "llava_onevision" in result.stdout and "--vision_aspect_ratio" in result.stdout

@@ -94,6 +94,8 @@ def image_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
                   tiles after them up to the most any image of the batch has (the model reads only an image's own,
                   counted from its size, as transformers' LLaVA-NeXT processor pads them within one call)
     image_sizes   (sum n_i, 2) (anyres only): each image's (height, width), which decides its grid
+    batch_num_images  (samples with images,) (OneVision only): each sample's image count, which decides whether
+                  its images are tiled (one) or base views (several); per sample, also in packed rows
     """
     with_images = [item for item in items if "pixel_values" in item]
     if not with_images:
@@ -103,7 +105,10 @@ def image_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
         return {"pixel_values": torch.cat(pixel_values)}
     tiles = max(p.shape[1] for p in pixel_values)
     padded = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p in pixel_values]
-    return {"pixel_values": torch.cat(padded), "image_sizes": torch.cat([item["image_sizes"] for item in with_images])}
+    batch = {"pixel_values": torch.cat(padded), "image_sizes": torch.cat([item["image_sizes"] for item in with_images])}
+    if "batch_num_images" in with_images[0]:
+        batch["batch_num_images"] = torch.cat([item["batch_num_images"] for item in with_images])
+    return batch
 
 
 @dataclass

@@ -31,7 +31,8 @@ _MIN_LOADS_TO_JUDGE = 20
 class LlavaDataset(torch.utils.data.Dataset):
     """Each item: {"input_ids": (T,), "labels": (T,), "pixel_values": (num_images, 3, H, W)}; text-only
     samples have no "pixel_values". Anyres (LLaVA-NeXT) items have pixel_values (num_images, tiles, 3, H, W), tiles
-    padded to the image with the most, and "image_sizes" (num_images, 2): what its processor gives.
+    padded to the image with the most, and "image_sizes" (num_images, 2): what its processor gives; OneVision items
+    also "batch_num_images" (1,): how many images the sample has (one image is tiled, several are base views).
 
     An image that fails to load now although it passed the up-front checks (replaced on disk, say) raises a
     `DataError` naming the sample, or, with `skip_invalid`, is logged and replaced by the next sample, so a
@@ -132,10 +133,13 @@ class LlavaDataset(torch.utils.data.Dataset):
                     raise DataError(f"{sample.describe()}: cannot read image {path}: {error}",
                                     kind="corrupt_image") from None
             self._check_counts(sample, images, counts)
-            processed = self.image_processor(images=images, return_tensors="pt")
+            # The sample's images as one group, as transformers' processors receive one text's images: OneVision's
+            # tiles a sample's only image and gives each image of a multi-image sample one base view.
+            processed = self.image_processor(images=[images], return_tensors="pt")
             item["pixel_values"] = processed["pixel_values"]
-            if "image_sizes" in processed:
-                item["image_sizes"] = processed["image_sizes"]
+            for name in ("image_sizes", "batch_num_images"):  # anyres: each image's size; OneVision: images per sample
+                if name in processed:
+                    item[name] = processed[name]
         return item
 
     def _check_counts(self, sample: Sample, images: list, counts: np.ndarray) -> None:
@@ -143,7 +147,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         image replaced on disk since, or a cache of other files): its tokens would not match its features."""
         if not self.image_tokens.needs_sizes:
             return
-        now = [self.image_tokens.count((image.height, image.width)) for image in images[:len(counts)]]
+        now = self.image_tokens.counts([(image.height, image.width) for image in images], len(counts))
         if now != counts.tolist():
             raise DataError(f"{sample.describe()}: its images now give {now} tokens, not the {counts.tolist()} counted "
                             "when the data was checked (replaced since?); clear the data cache or restore them.",

@@ -19,7 +19,7 @@ from llava.data.types import IGNORE_INDEX, DataError, Message, Sample
 class ConversationEncoder:
     """Renders conversations with the processor's chat template (`template`); returns `input_ids` and `labels`.
 
-    Image placeholders are expanded to `image_tokens.count(size)` image tokens each (labels -100): the number of
+    Image placeholders are expanded to `image_tokens.counts(sizes)` image tokens each (labels -100): the number of
     features the model produces for that image (`llava.model.processor.image_tokens`: one number for LLaVA-1.5, one
     per image size for anyres). A sample longer than `max_length` loses text at its end; if that would cut an image
     span, or leave no trained token, the sample is refused with a `DataError`.
@@ -94,10 +94,11 @@ class ConversationEncoder:
     def image_counts(self, num_images: int, image_sizes: list[tuple[int, int]] | None, where: str) -> np.ndarray:
         """Tokens of each image (int32), from its (height, width) in `image_sizes` where the count depends on it."""
         if not self.image_tokens.needs_sizes:
-            return np.full(num_images, self.image_tokens.count(), dtype=np.int32)
+            return np.asarray(self.image_tokens.counts(None, num_images), dtype=np.int32)
         if image_sizes is None or len(image_sizes) < num_images:
             raise ValueError(f"{where}: the image sizes are needed to count an anyres image's tokens.")
-        return np.asarray([self.image_tokens.count(size) for size in image_sizes[:num_images]], dtype=np.int32)
+        # All of the sample's images, not only the first `num_images`: a count may depend on how many it has.
+        return np.asarray(self.image_tokens.counts(image_sizes)[:num_images], dtype=np.int32)
 
     def encode_compact(self, sample: Sample, warnings: list[DataError] | None = None,
                        image_sizes: list[tuple[int, int]] | None = None) -> dict[str, np.ndarray]:

@@ -6,7 +6,9 @@ Everything size-dependent is transformers' own: `LlavaNextImageProcessor` tiles 
 `get_image_features` packs the features, and `LlavaNextProcessor._get_number_of_features` counts them, which
 `AnyresImageTokens` asks, so the data stages put exactly as many image tokens in a sample as the model produces
 for each of its images. Turning a LLaVA-1.5 processor or model into a LLaVA-NeXT one (a new model, or stage 2 of a
-`llava` stage-1 output) is `anyres_processor` and `llava.model.building.as_llava_next`.
+`llava` stage-1 output) is `anyres_processor` and `llava.model.building.as_anyres`. LLaVA-OneVision's variant of
+the grid (its own processor classes, a cap on the features per image) is `llava.model.onevision`, built on the
+helpers here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from transformers import AutoConfig, LlavaNextImageProcessor, LlavaNextProcessor
 from llava.data.image_tokens import ImageTokens
 from llava.data.types import ConfigurationError
 
-ARCHITECTURES = ("llava", "llava_next")
+# In the order a model can be turned into the next (never back: a later one's grid or newline would be dropped).
+ARCHITECTURES = ("llava", "llava_next", "llava_onevision")
+ANYRES_ARCHITECTURES = ("llava_next", "llava_onevision")
 # Tiles per side of llava-v1.6's grid (height x width in tiles): 1x2, 2x1, 2x2, 1x3, 3x1.
 _DEFAULT_GRID = ((1, 2), (2, 1), (2, 2), (1, 3), (3, 1))
 
@@ -94,17 +98,11 @@ def anyres_processor(processor: ProcessorMixin, input_size: tuple[int, int], pin
     Raises:
         ConfigurationError: non-square tower inputs, or pinpoints that are not whole tiles.
     """
-    height, width = input_size
-    if height != width:
-        raise ConfigurationError(f"--architecture llava_next needs square tower inputs; the image processor gives "
-                                 f"{height}x{width}.")
+    height = square_tile(input_size, "llava_next")
     pinpoints = pinpoints or default_pinpoints(height)
     check_pinpoints(pinpoints, height, f"tower input {height}x{height}")
-    fields = processor.image_processor.to_dict()
-    carried = {k: fields[k] for k in ("resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
-                                      "image_std", "do_convert_rgb") if fields.get(k) is not None}
     image_processor = LlavaNextImageProcessor(
-        **carried, do_resize=True, size={"shortest_edge": height}, do_center_crop=True,
+        **normalisation(processor.image_processor), do_resize=True, size={"shortest_edge": height}, do_center_crop=True,
         crop_size={"height": height, "width": height}, image_grid_pinpoints=pinpoints, do_pad=True)
     return LlavaNextProcessor(
         image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=processor.patch_size,
@@ -113,37 +111,64 @@ def anyres_processor(processor: ProcessorMixin, input_size: tuple[int, int], pin
         chat_template=processor.chat_template)
 
 
-def check_tower(vision_config, processor: ProcessorMixin, where: str) -> None:
-    """Refuse towers whose tiles the LLaVA-NeXT model cannot lay out on the grid.
+def normalisation(image_processor) -> dict:
+    """The fields of a tower's image processor that an anyres image processor keeps: how pixels are resampled,
+    rescaled and normalised (its resize and crop are replaced by the grid's tiles)."""
+    fields = image_processor.to_dict()
+    return {k: fields[k] for k in ("resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                                   "image_std", "do_convert_rgb") if fields.get(k) is not None}
+
+
+def square_tile(input_size: tuple[int, int], architecture: str) -> int:
+    """The tile size of a tower whose image processor gives `input_size` (height, width): tiles are square."""
+    height, width = input_size
+    if height != width:
+        raise ConfigurationError(f"--architecture {architecture} needs square tower inputs; the image processor "
+                                 f"gives {height}x{width}.")
+    return height
+
+
+def check_tower(vision_config, processor: ProcessorMixin, tile: int, where: str, architecture: str) -> None:
+    """Refuse towers whose tiles an anyres model cannot lay out on the grid; `processor` is the LLaVA(-NeXT) one
+    being turned into `architecture`'s (it knows the tower's extra tokens), `tile` its input size.
 
     Why: `get_image_features` reshapes each tile's selected features into (image_size / patch)^2 positions, with
     the tile size taken from the tower's config; a tower fed other sizes than its config says (DINOv2: 518 vs
     224), or one that keeps extra tokens after feature selection (CLS under `full`, DINOv2's registers), cannot.
     """
-    tile = processor.image_processor.crop_size["height"]
     extra = processor.num_additional_image_tokens - (processor.vision_feature_select_strategy == "default")
     if vision_config.image_size != tile:
-        raise ConfigurationError(f"--architecture llava_next: {where} is configured for {vision_config.image_size}-"
-                                 f"pixel images but its image processor gives {tile}-pixel ones; LLaVA-NeXT tiles "
-                                 "images at the tower's configured size. Use a tower whose processor matches (CLIP, "
-                                 "SigLIP), or --architecture llava.")
+        raise ConfigurationError(f"--architecture {architecture}: {where} is configured for "
+                                 f"{vision_config.image_size}-pixel images but its image processor gives {tile}-pixel "
+                                 "ones; anyres models tile images at the tower's configured size. Use a tower whose "
+                                 "processor matches (CLIP, SigLIP), or --architecture llava.")
     if extra != 0:
-        raise ConfigurationError(f"--architecture llava_next: {where} keeps {extra} token(s) beside its patches under "
+        raise ConfigurationError(f"--architecture {architecture}: {where} keeps {extra} token(s) beside its patches under "
                                  f"--vision_feature_select_strategy {processor.vision_feature_select_strategy}, which "
-                                 "LLaVA-NeXT cannot lay out on its grid. Use 'default' for towers with a CLS token "
+                                 "an anyres model cannot lay out on its grid. Use 'default' for towers with a CLS token "
                                  "(CLIP), 'full' for towers without one (SigLIP); towers with registers cannot tile.")
 
 
 class AnyresImageTokens(ImageTokens):
     """Tokens of one anyres image, by its (height, width): transformers' `LlavaNextProcessor` count (unpadded grid
-    features + one newline per row + the base view), less the CLS token under the `default` strategy."""
+    features + one newline per row + the base view), less the CLS token under the `default` strategy.
+
+    `LlavaOnevisionProcessor._get_number_of_features` takes the same arguments (and also shrinks the grid to its
+    `vision_aspect_ratio` cap): `llava.model.onevision.OnevisionImageTokens` extends this class."""
 
     needs_sizes = True
+    architecture = "llava_next"
 
-    def __init__(self, processor: LlavaNextProcessor):
+    def __init__(self, processor: ProcessorMixin, tile: int, patch_size: int):
         self.processor = processor
-        self.tile = processor.image_processor.crop_size["height"]
-        super().__init__((self.tile // processor.patch_size) ** 2)  # one tile's (the base view's) features
+        self.tile = tile
+        self.patch_size = patch_size
+        super().__init__((tile // patch_size) ** 2)  # one tile's (the base view's) features
+
+    @classmethod
+    def of(cls, processor: LlavaNextProcessor) -> AnyresImageTokens:
+        """The counter of a `LlavaNextProcessor` (tiles of its crop size)."""
+        return cls(processor, processor.image_processor.crop_size["height"], processor.patch_size)
 
     def count(self, size: tuple[int, int] | None = None) -> int:
         height, width = size
@@ -154,10 +179,10 @@ class AnyresImageTokens(ImageTokens):
         """Why an image is too small for the grid: a side under one patch leaves the tiles nothing to show, and an
         aspect ratio so extreme that the unpadded grid keeps no row or column of features drops the image from it."""
         height, width = size
-        patch = self.processor.patch_size
+        patch = self.patch_size
         if min(height, width) < patch:
             return (f"a side under the tower's patch size ({patch} pixels) is too small for --architecture "
-                    "llava_next; enlarge or drop it.")
+                    f"{self.architecture}; enlarge or drop it.")
         if self.count(size) <= self.tokens_per_image:
             return ("its aspect ratio is too extreme for the grid (no row of tile features is left after "
                     "unpadding); crop or pad it to a less elongated shape.")
@@ -165,8 +190,8 @@ class AnyresImageTokens(ImageTokens):
 
     def fingerprint(self) -> dict:
         image_processor = self.processor.image_processor
-        return {"architecture": "llava_next", "image_grid_pinpoints": image_processor.image_grid_pinpoints,
-                "tile": self.tile, "patch_size": self.processor.patch_size,
-                "num_additional_image_tokens": self.processor.num_additional_image_tokens,
+        return {"architecture": self.architecture, "image_grid_pinpoints": image_processor.image_grid_pinpoints,
+                "tile": self.tile, "patch_size": self.patch_size,
+                "num_additional_image_tokens": getattr(self.processor, "num_additional_image_tokens", None),
                 "vision_feature_select_strategy": self.processor.vision_feature_select_strategy}
 

@@ -1,6 +1,6 @@
 """Building the model to train: a new LLaVA assembled from a pretrained vision tower and causal LM, or a LLaVA
 checkpoint loaded (optionally with its LM quantized, see `llava.model.quantization`); either turned into a LLaVA-NeXT
-model when its processor is anyres (`as_llava_next`)."""
+or LLaVA-OneVision model when its processor is one (`as_anyres`)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ import math
 
 import torch
 from transformers import (AutoModel, AutoModelForCausalLM, BitsAndBytesConfig, LlavaConfig, LlavaNextConfig,
-                          LlavaNextProcessor, LlavaProcessor, PreTrainedModel)
+                          LlavaOnevisionConfig, LlavaProcessor, PreTrainedModel, ProcessorMixin)
 
 from llava.data.types import IGNORE_INDEX, ConfigurationError
-from llava.model.anyres import AnyresImageTokens
 from llava.model.components import components
-from llava.model.modeling import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaProjector,
-                                  LlavaTraining, model_class)
-from llava.model.processor import tower_config
+from llava.model.modeling import (AnyresTraining, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                                  LlavaOnevisionForConditionalGeneration, LlavaProjector, LlavaTraining, model_class)
+from llava.model.processor import architecture_of, image_tokens, tower_config
 from llava.model.quantization import load_quantized
 from llava.model.sharding import parameters_sharded, without_zero3_init
 
@@ -116,38 +115,52 @@ def load_llava(path: str, *, dtype: str = "float32", attn_implementation: str | 
     return load_quantized(path, quantization, **kwargs)
 
 
-def as_llava_next(model: LlavaTraining, processor: LlavaNextProcessor) -> LlavaNextForConditionalGeneration:
-    """`model` as a LLaVA-NeXT model tiling images as `processor` does (unchanged when it is one already): the same
-    tower, projector, LM and lm_head moved into a `LlavaNextForConditionalGeneration` built on the meta device, and a
-    new `image_newline` (normal, std 1/sqrt(hidden), as transformers initialises it; it trains with the projector).
+def as_anyres(model: LlavaTraining, processor: ProcessorMixin) -> LlavaTraining:
+    """`model` as the anyres model its `processor` is for (LLaVA-NeXT or LLaVA-OneVision; unchanged when it is one
+    already, or when the processor is LLaVA-1.5's): the same tower, projector, LM and lm_head moved into the new
+    class built on the meta device, with the `image_newline` a LLaVA-NeXT model had, or a new one (normal, std
+    1/sqrt(hidden), as transformers initialises it; it trains with the projector).
 
-    Why a move and not a copy: a stage 2 that starts LLaVA-NeXT from a `llava` stage-1 output (or a new model)
-    keeps every pretrained weight, and never holds a second full-size model.
+    Why a move and not a copy: a stage 2 that starts LLaVA-NeXT or OneVision from an earlier stage's output (or a
+    new model) keeps every pretrained weight, and never holds a second full-size model. OneVision's feature layer
+    and select strategy stay the model's: its projector was trained on them.
     """
-    if isinstance(model, LlavaNextForConditionalGeneration):
+    target = architecture_of(processor)
+    if target == "llava" or model_class(model.config) is _CLASSES[target]:
         return model
     old = model.config
-    config = LlavaNextConfig(
+    common = dict(
         vision_config=old.vision_config, text_config=old.text_config, image_token_index=old.image_token_id,
         image_grid_pinpoints=processor.image_processor.image_grid_pinpoints,
         vision_feature_layer=old.vision_feature_layer,
         vision_feature_select_strategy=processor.vision_feature_select_strategy,
         projector_hidden_act=old.projector_hidden_act, multimodal_projector_bias=old.multimodal_projector_bias,
-        tie_word_embeddings=old.tie_word_embeddings, image_seq_length=AnyresImageTokens(processor).tokens_per_image,
+        tie_word_embeddings=old.tie_word_embeddings, image_seq_length=image_tokens(processor).tokens_per_image,
         pad_token_id=getattr(old, "pad_token_id", None))
+    if target == "llava_onevision":
+        config = LlavaOnevisionConfig(**common, vision_aspect_ratio=processor.vision_aspect_ratio)
+    else:
+        config = LlavaNextConfig(**common)
     with without_zero3_init():
         with torch.device("meta"):
-            next_model = LlavaNextForConditionalGeneration(config)
+            new_model = _CLASSES[target](config)
         for name in ("vision_tower", "multi_modal_projector", "language_model"):
-            setattr(next_model.model, name, getattr(model.model, name))
-        next_model.lm_head = model.lm_head
-        hidden = config.text_config.hidden_size
-        head = model.lm_head.weight
-        next_model.model.image_newline = torch.nn.Parameter(
-            torch.randn(hidden, dtype=head.dtype, device=head.device) / math.sqrt(hidden))
-    next_model.generation_config = model.generation_config
-    next_model.name_or_path = model.name_or_path
-    return next_model
+            setattr(new_model.model, name, getattr(model.model, name))
+        new_model.lm_head = model.lm_head
+        if isinstance(model, AnyresTraining):
+            new_model.model.image_newline = model.model.image_newline
+        else:
+            hidden = config.text_config.hidden_size
+            head = model.lm_head.weight
+            new_model.model.image_newline = torch.nn.Parameter(
+                torch.randn(hidden, dtype=head.dtype, device=head.device) / math.sqrt(hidden))
+    new_model.generation_config = model.generation_config
+    new_model.name_or_path = model.name_or_path
+    return new_model
+
+
+_CLASSES = {"llava_next": LlavaNextForConditionalGeneration,
+            "llava_onevision": LlavaOnevisionForConditionalGeneration}
 
 
 def check_exact_packing(model: torch.nn.Module) -> None:

@@ -97,12 +97,14 @@ class Answerer:
             input_ids[row, length - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, length - len(prompt):] = 1
         inputs = {"input_ids": input_ids.to(self.model.device), "attention_mask": attention_mask.to(self.model.device)}
-        flat_images = [image for sample_images in images for image in sample_images]
-        if flat_images:
-            processed = self.processor.image_processor(images=flat_images, return_tensors="pt")
+        grouped = [sample_images for sample_images in images if sample_images]
+        if grouped:
+            # One group per conversation, as training gave them (OneVision tiles only a conversation's only image).
+            processed = self.processor.image_processor(images=grouped, return_tensors="pt")
             inputs["pixel_values"] = processed["pixel_values"].to(self.model.device, self.model.dtype)
-            if "image_sizes" in processed:  # anyres: each image's size decides its grid
-                inputs["image_sizes"] = processed["image_sizes"].to(self.model.device)
+            for name in ("image_sizes", "batch_num_images"):  # anyres: each image's grid; OneVision: per sample
+                if name in processed:
+                    inputs[name] = processed[name].to(self.model.device)
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
         new_tokens = output[:, length:]

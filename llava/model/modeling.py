@@ -1,5 +1,6 @@
-"""The LLaVA model classes: transformers' `LlavaForConditionalGeneration` and `LlavaNextForConditionalGeneration`
-(anyres, see `llava.model.anyres`) with a loss computed only on trained tokens; what they share is `LlavaTraining`.
+"""The LLaVA model classes: transformers' `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`
+(anyres, see `llava.model.anyres`) and `LlavaOnevisionForConditionalGeneration` (`llava.model.onevision`) with a
+loss computed only on trained tokens; what they share is `LlavaTraining` (and `AnyresTraining`, the two anyres ones).
 
 Layout in memory (transformers 5.x): `model.model.vision_tower` (CLIP/SigLIP/DINOv2 vision model),
 `model.model.multi_modal_projector` (linear_1 -> act -> linear_2), `model.model.language_model` (the LM's
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch.utils.checkpoint import checkpoint
-from transformers import LlavaConfig, LlavaNextConfig
+from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -29,6 +30,9 @@ from llava.model.hub_format import FROM_HUB, check_loading_info, hub_state_dict,
 from llava.model.sharding import multi_process, parameters_sharded
 from llava.utils.files import follow_umask
 
+# What the anyres models take beside pixel_values to encode images: each image's size (its grid) and, for OneVision,
+# each sample's image count (one image is tiled, several are base views).
+IMAGE_INPUTS = ("image_sizes", "batch_num_images")
 # Shorter shared prefixes are computed per row: the extra batch-1 pass would cost more than it saves.
 _MIN_SHARED_PREFIX = 8
 # Logits (trained tokens x vocabulary) held at once by the training loss; a batch with more trained tokens computes
@@ -100,7 +104,7 @@ class LlavaTraining:
             make_config_portable(os.path.join(save_directory, "config.json"))
             follow_umask(save_directory)
 
-    def __init__(self, config: LlavaConfig | LlavaNextConfig):
+    def __init__(self, config: LlavaConfig | LlavaNextConfig | LlavaOnevisionConfig):
         super().__init__(config)
         self.model.multi_modal_projector = LlavaProjector(config)
 
@@ -159,8 +163,8 @@ class LlavaTraining:
         varlen = self._flash_varlen_kwargs(kwargs.get("position_ids"))
         kwargs.update(varlen)
         if self._encodes_images_first(pixel_values) or (varlen and pixel_values is not None):
-            kwargs["inputs_embeds"] = self._embed_with_image_features(input_ids, pixel_values,
-                                                                      kwargs.pop("image_sizes", None))
+            kwargs["inputs_embeds"] = self._embed_with_image_features(
+                input_ids, pixel_values, {name: kwargs.pop(name) for name in IMAGE_INPUTS if name in kwargs})
             input_ids = pixel_values = None
         prefix = self._shared_prefix_length(input_ids, attention_mask, targets, kwargs)
         if prefix:
@@ -276,7 +280,7 @@ class LlavaTraining:
                             for p in part.parameters()))
 
     def _embed_with_image_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                                   image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+                                   image_inputs: dict | None = None) -> torch.Tensor:
         """The LM's input embeddings with the projected image features in the image-token positions, computed in
         one fixed module order: embeddings, then the tower and projector, then the merge (see
         `_encodes_images_first`). A text-only batch encodes one blank image and adds 0 x its features, which
@@ -284,8 +288,8 @@ class LlavaTraining:
         embeddings = self.get_input_embeddings()(input_ids)  # (B, T, H)
         blank = pixel_values is None
         if blank:
-            pixel_values, image_sizes = self._blank_image(embeddings.device)
-        features = self._image_features(pixel_values, image_sizes)
+            pixel_values, image_inputs = self._blank_image(embeddings.device)
+        features = self._image_features(pixel_values, image_inputs or {})
         features = torch.cat(features, dim=0).to(embeddings.device, embeddings.dtype)  # (images x tokens, H)
         if blank:
             return embeddings + 0.0 * features.sum()
@@ -294,44 +298,62 @@ class LlavaTraining:
 
 
 def model_class(path_or_config) -> type[LlavaTraining]:
-    """The class of the LLaVA checkpoint at `path_or_config` (or of its config), by `model_type`: llava or
-    llava_next."""
+    """The class of the LLaVA checkpoint at `path_or_config` (or of its config), by `model_type`: llava, llava_next
+    or llava_onevision."""
     config = transformers.AutoConfig.from_pretrained(path_or_config) if isinstance(path_or_config, str) \
         else path_or_config
-    model_type = config.model_type
-    return LlavaNextForConditionalGeneration if model_type == "llava_next" else LlavaForConditionalGeneration
+    return {"llava_next": LlavaNextForConditionalGeneration,
+            "llava_onevision": LlavaOnevisionForConditionalGeneration}.get(config.model_type,
+                                                                           LlavaForConditionalGeneration)
 
 
 class LlavaForConditionalGeneration(LlavaTraining, transformers.LlavaForConditionalGeneration):
     """transformers' LLaVA (LLaVA-1.5: one tower-sized view per image) with this project's training loss and
     on-disk format (`LlavaTraining`)."""
 
-    def _image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+    def _image_features(self, pixel_values: torch.Tensor, image_inputs: dict) -> list[torch.Tensor]:
         """Projected features of each image, (tokens, H) each."""
         return self.model.get_image_features(
             pixel_values=pixel_values, vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy).pooler_output
 
-    def _blank_image(self, device: torch.device) -> tuple[torch.Tensor, None]:
+    def _blank_image(self, device: torch.device) -> tuple[torch.Tensor, dict]:
         vision = self.config.vision_config
         return torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size, device=device,
-                           dtype=self.model.vision_tower.dtype), None
+                           dtype=self.model.vision_tower.dtype), {}
 
 
-class LlavaNextForConditionalGeneration(LlavaTraining, transformers.LlavaNextForConditionalGeneration):
-    """transformers' LLaVA-NeXT (anyres tiles, `image_newline` after each row of features, see
-    `llava.model.anyres`) with this project's training loss and on-disk format (`LlavaTraining`)."""
+class AnyresTraining(LlavaTraining):
+    """How the anyres models (LLaVA-NeXT, LLaVA-OneVision) encode images: tiles on the grid, packed by transformers'
+    own `get_image_features` with the config's grid, select strategy (and OneVision's feature cap)."""
 
-    def _image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+    def _image_features(self, pixel_values: torch.Tensor, image_inputs: dict) -> list[torch.Tensor]:
         """Projected, packed features of each image (its tiles unpadded, newlines, base view), (tokens, H) each."""
         return self.model.get_image_features(
-            pixel_values=pixel_values, image_sizes=image_sizes, vision_feature_layer=self.config.vision_feature_layer,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy).pooler_output
+            pixel_values=pixel_values, vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy, **image_inputs).pooler_output
 
-    def _blank_image(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """One blank tower-sized image: its tiles on the grid, and its size."""
+    def _blank_image(self, device: torch.device) -> tuple[torch.Tensor, dict]:
+        """One blank tower-sized image: its tiles on the grid, and its size (one image alone: tiled)."""
         vision = self.config.vision_config
         size = [vision.image_size, vision.image_size]
         tiles = image_size_to_num_patches(size, self.config.image_grid_pinpoints, vision.image_size)
         pixels = torch.zeros(1, tiles, vision.num_channels, *size, device=device, dtype=self.model.vision_tower.dtype)
-        return pixels, torch.tensor([size], device=device)
+        return pixels, {"image_sizes": torch.tensor([size], device=device)}
+
+
+class LlavaNextForConditionalGeneration(AnyresTraining, transformers.LlavaNextForConditionalGeneration):
+    """transformers' LLaVA-NeXT (anyres tiles, `image_newline` after each row of features, see
+    `llava.model.anyres`) with this project's training loss and on-disk format (`LlavaTraining`)."""
+
+
+class LlavaOnevisionForConditionalGeneration(AnyresTraining, transformers.LlavaOnevisionForConditionalGeneration):
+    """transformers' LLaVA-OneVision (a sample's only image tiled with its features capped, several images one base
+    view each, see `llava.model.onevision`) with this project's training loss and on-disk format."""
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, image_sizes=None,
+                logits_to_keep=0, batch_num_images=None, **kwargs):
+        if batch_num_images is not None:  # named here, where `generate` looks for the inputs it may pass
+            kwargs["batch_num_images"] = batch_num_images
+        return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                               labels=labels, image_sizes=image_sizes, logits_to_keep=logits_to_keep, **kwargs)

@@ -14,11 +14,13 @@ import os
 import torch
 from PIL import Image
 from transformers import (AddedToken, AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer,
-                          LlavaImageProcessor, LlavaNextProcessor, LlavaProcessor, ProcessorMixin)
+                          LlavaImageProcessor, LlavaNextProcessor, LlavaOnevisionProcessor, LlavaProcessor,
+                          ProcessorMixin)
 
 from llava.data.image_tokens import ImageTokens
 from llava.data.types import ConfigurationError
-from llava.model.anyres import AnyresImageTokens, anyres_processor, check_tower
+from llava.model.anyres import ANYRES_ARCHITECTURES, ARCHITECTURES, AnyresImageTokens, anyres_processor, check_tower
+from llava.model.onevision import OnevisionImageTokens, onevision_processor
 from llava.model.final_output import check_final_output
 from llava.model.sharding import without_zero3_init
 
@@ -202,9 +204,11 @@ def build_processor(vision_model: str, language_model: str, *, image_token: str 
                     chat_template: str | None = None, image_aspect_ratio: str | None = None,
                     vision_feature_layer: int = -2, vision_feature_select_strategy: str | None = None,
                     trust_remote_code: bool = False, architecture: str = "llava",
-                    image_grid_pinpoints: list[list[int]] | None = None) -> LlavaProcessor | LlavaNextProcessor:
+                    image_grid_pinpoints: list[list[int]] | None = None, vision_aspect_ratio: str | None = None
+                    ) -> ProcessorMixin:
     """A `LlavaProcessor` for a new model: the LM's tokenizer (plus the image token), the tower's image processor;
-    for `architecture` "llava_next" the `LlavaNextProcessor` tiling it on `image_grid_pinpoints` (`anyres_processor`).
+    for `architecture` "llava_next" the `LlavaNextProcessor` tiling it on `image_grid_pinpoints` (`anyres_processor`),
+    for "llava_onevision" the `LlavaOnevisionProcessor` (`onevision_processor`, capped at `vision_aspect_ratio`).
 
     `patch_size`, `num_additional_image_tokens` and `vision_feature_select_strategy` are set so that one
     image token expands to exactly as many tokens as the projector emits; the chat template is the LM's own
@@ -235,9 +239,9 @@ def build_processor(vision_model: str, language_model: str, *, image_token: str 
         )
     vision_config = tower_config(vision_model, trust_remote_code)
     check_vision_feature_layer(vision_config, vision_feature_layer, vision_model)
-    if architecture == "llava_next" and image_aspect_ratio:
+    if architecture in ANYRES_ARCHITECTURES and image_aspect_ratio:
         raise ConfigurationError(f"--image_aspect_ratio {image_aspect_ratio} is LLaVA-1.5's preprocessing; "
-                                 "--architecture llava_next keeps every image's aspect ratio on its grid. Drop it.")
+                                 f"--architecture {architecture} keeps every image's aspect ratio on its grid. Drop it.")
     image_processor = AutoImageProcessor.from_pretrained(vision_model, trust_remote_code=trust_remote_code)
     image_processor = apply_image_aspect_ratio(image_processor, image_aspect_ratio)
     extra_tokens = _extra_vision_tokens(vision_config, *processed_image_size(image_processor))
@@ -250,38 +254,63 @@ def build_processor(vision_model: str, language_model: str, *, image_token: str 
         vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
         image_token=image_token, chat_template=multimodal_chat_template(lm_template, image_token),
     )
-    return with_architecture(processor, vision_config, architecture, image_grid_pinpoints, vision_model)
+    return with_architecture(processor, vision_config, architecture, image_grid_pinpoints, vision_model,
+                             vision_aspect_ratio)
+
+
+def architecture_of(processor: ProcessorMixin) -> str:
+    """Which LLaVA architecture a processor is for: llava, llava_next or llava_onevision."""
+    if isinstance(processor, LlavaOnevisionProcessor):
+        return "llava_onevision"
+    return "llava_next" if isinstance(processor, LlavaNextProcessor) else "llava"
 
 
 def with_architecture(processor: ProcessorMixin, vision_config, architecture: str | None,
-                      image_grid_pinpoints: list[list[int]] | None, where: str) -> ProcessorMixin:
-    """`processor` for `architecture` (None: as it is): a LLaVA-1.5 one turned into LLaVA-NeXT's (a new model, or
-    stage 2 of a `llava` stage-1 output), or unchanged. `where` names the model in errors.
+                      image_grid_pinpoints: list[list[int]] | None, where: str,
+                      vision_aspect_ratio: str | None = None) -> ProcessorMixin:
+    """`processor` for `architecture` (None: as it is): turned into a later one of `ARCHITECTURES` (a new model, or a
+    `llava`/`llava_next` stage output continued as LLaVA-NeXT or LLaVA-OneVision), or unchanged. `where` names the
+    model in errors.
 
     Raises:
-        ConfigurationError: LLaVA-NeXT back to LLaVA-1.5, --image_grid_pinpoints for a checkpoint that has its grid
-            or for `llava`, or a tower LLaVA-NeXT cannot tile (`check_tower`).
+        ConfigurationError: back to an earlier architecture (its grid or newline would be dropped); a grid
+            (--image_grid_pinpoints) or feature cap (--vision_aspect_ratio) for a model that keeps its own or has
+            none; a tower an anyres model cannot tile (`check_tower`).
     """
-    anyres = isinstance(processor, LlavaNextProcessor)
-    if architecture == "llava" and anyres:
-        raise ConfigurationError(f"{where} is a LLaVA-NeXT (llava_next) model; --architecture llava cannot drop its "
-                                 "grid. Drop --architecture to continue it as llava_next.")
-    if image_grid_pinpoints and (anyres or architecture != "llava_next"):
-        raise ConfigurationError(f"--image_grid_pinpoints sets the grid of a new llava_next model; {where} "
-                                 + ("keeps its own grid (its preprocessor_config.json): drop the flag." if anyres else
-                                    "is not one: add --architecture llava_next, or drop the flag."))
-    if architecture != "llava_next" or anyres:
+    current = architecture_of(processor)
+    target = architecture or current
+    if ARCHITECTURES.index(target) < ARCHITECTURES.index(current):
+        kept = "grid" if target == "llava" else "feature cap and multi-image views"
+        raise ConfigurationError(f"{where} is a {current} model; --architecture {target} cannot drop its {kept}. Drop "
+                                 f"--architecture to continue it as {current}.")
+    converting = target != current
+    if image_grid_pinpoints and not (converting and target in ANYRES_ARCHITECTURES):
+        raise ConfigurationError(f"--image_grid_pinpoints sets the grid of a new llava_next or llava_onevision model; "
+                                 f"{where} " + (f"keeps its own grid (its preprocessor_config.json): drop the flag."
+                                                if target == current != "llava" else
+                                                "is not one: add --architecture llava_next, or drop the flag."))
+    if vision_aspect_ratio and not (converting and target == "llava_onevision"):
+        raise ConfigurationError(f"--vision_aspect_ratio sets the feature cap of a new llava_onevision model; {where} "
+                                 + ("keeps its own (its processor_config.json): drop the flag." if
+                                    target == "llava_onevision" else
+                                    "is not one: add --architecture llava_onevision, or drop the flag."))
+    if not converting:
         return processor
-    processor = anyres_processor(processor, processed_image_size(processor.image_processor), image_grid_pinpoints)
-    check_tower(vision_config, processor, where)
-    return processor
+    input_size = processed_image_size(processor.image_processor)
+    check_tower(vision_config, processor, input_size[0], where, target)
+    if target == "llava_next":
+        return anyres_processor(processor, input_size, image_grid_pinpoints)
+    return onevision_processor(processor, input_size, image_grid_pinpoints, vision_aspect_ratio)
 
 
 def image_tokens(processor: ProcessorMixin) -> ImageTokens:
-    """What each image placeholder becomes: per image size for LLaVA-NeXT, else one fixed count
-    (`image_token_count`). Computed once per run and handed on (encoder, checking, dataset, cache key)."""
+    """What each image placeholder becomes: per image size for LLaVA-NeXT (per sample for LLaVA-OneVision), else
+    one fixed count (`image_token_count`). Computed once per run and handed on (encoder, checking, dataset, cache
+    key)."""
+    if isinstance(processor, LlavaOnevisionProcessor):
+        return OnevisionImageTokens.of(processor)
     if isinstance(processor, LlavaNextProcessor):
-        return AnyresImageTokens(processor)
+        return AnyresImageTokens.of(processor)
     return ImageTokens(image_token_count(processor))
 
 
@@ -295,8 +324,8 @@ def image_token_count(processor: ProcessorMixin) -> int:
 
 
 def load_processor(path: str, *, chat_template: str | None = None, trust_remote_code: bool = False,
-                   architecture: str | None = None, image_grid_pinpoints: list[list[int]] | None = None
-                   ) -> ProcessorMixin:
+                   architecture: str | None = None, image_grid_pinpoints: list[list[int]] | None = None,
+                   vision_aspect_ratio: str | None = None) -> ProcessorMixin:
     """The processor of a LLaVA checkpoint (refused when half-published, see `check_final_output`), its chat
     template replaced by `chat_template` when given (e.g. llava-hf checkpoints, whose template ends answers with no
     end-of-turn token), for `architecture` (None: the checkpoint's; see `with_architecture`)."""
@@ -304,7 +333,7 @@ def load_processor(path: str, *, chat_template: str | None = None, trust_remote_
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     if chat_template:
         processor.chat_template = multimodal_chat_template(read_chat_template(chat_template), processor.image_token)
-    if architecture is None and not image_grid_pinpoints:
+    if architecture is None and not image_grid_pinpoints and not vision_aspect_ratio:
         return processor
     vision_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).vision_config
-    return with_architecture(processor, vision_config, architecture, image_grid_pinpoints, path)
+    return with_architecture(processor, vision_config, architecture, image_grid_pinpoints, path, vision_aspect_ratio)

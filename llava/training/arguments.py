@@ -52,9 +52,9 @@ class ProcessorArguments(ArchitectureArguments):
         default=None,
         metadata={"help": "Causal LM with its tokenizer and chat template. Hub id or local folder."},
     )
-    vision_feature_layer: int = field(
-        default=-2, metadata={"help": "Vision hidden layer fed to the projector (LLaVA-1.5: -2, the penultimate)."}
-    )
+    vision_feature_layer: int | None = field(default=None, metadata={
+        "help": "Vision hidden layer fed to the projector of a new model. Unset: -2, the penultimate (LLaVA-1.5's, "
+                "LLaVA-NeXT's); -1, the last, for --architecture llava_onevision (OneVision's)."})
     vision_feature_select_strategy: str | None = field(
         default=None,
         metadata={"help": "'default' drops the first (CLS) token, 'full' keeps all tokens. Unset: 'default' when "
@@ -85,6 +85,8 @@ class ProcessorArguments(ArchitectureArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.vision_feature_layer is None:
+            self.vision_feature_layer = -1 if self.architecture == "llava_onevision" else -2
         check_chat_template_path(self.chat_template)
         parts = [self.vision_model_name_or_path, self.language_model_name_or_path]
         if self.model_name_or_path and any(parts):

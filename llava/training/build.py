@@ -8,16 +8,16 @@ import os
 
 import torch
 from peft import PeftModel
-from transformers import LlavaNextProcessor, ProcessorMixin
+from transformers import ProcessorMixin
 
 from llava.data.types import ConfigurationError
-from llava.model.building import as_llava_next, assemble_llava, load_llava
+from llava.model.building import as_anyres, assemble_llava, load_llava
 from llava.model.components import set_trainable
 from llava.model.hub_format import save_processor
 from llava.model.lora import add_adapters
 from llava.model.mlp_recompute import recompute_mlp_activations
 from llava.model.modeling import LlavaForConditionalGeneration, LlavaTraining
-from llava.model.processor import build_processor, image_token_count, load_processor
+from llava.model.processor import architecture_of, build_processor, image_token_count, load_processor
 from llava.model.quantization import quantization_config
 from llava.model.vision_layers import train_last_vision_layers
 from llava.training.arguments import LlavaTrainingArguments, LoraArguments, ModelArguments, ProcessorArguments
@@ -31,46 +31,49 @@ def processor_for(args: ProcessorArguments) -> ProcessorMixin:
     if not args.assembles_new_model:
         return load_processor(args.model_name_or_path, chat_template=args.chat_template,
                               trust_remote_code=args.trust_remote_code, architecture=args.architecture,
-                              image_grid_pinpoints=args.grid_pinpoints)
+                              image_grid_pinpoints=args.grid_pinpoints, vision_aspect_ratio=args.vision_aspect_ratio)
     return build_processor(
         args.vision_model_name_or_path, args.language_model_name_or_path, image_token=args.image_token,
         chat_template=args.chat_template, image_aspect_ratio=args.image_aspect_ratio,
         vision_feature_layer=args.vision_feature_layer,
         vision_feature_select_strategy=args.vision_feature_select_strategy, trust_remote_code=args.trust_remote_code,
-        architecture=args.architecture or "llava", image_grid_pinpoints=args.grid_pinpoints)
+        architecture=args.architecture or "llava", image_grid_pinpoints=args.grid_pinpoints,
+        vision_aspect_ratio=args.vision_aspect_ratio)
 
 
 def check_architecture_flags(processor: ProcessorMixin, lora_args: LoraArguments,
                              training_args: LlavaTrainingArguments) -> None:
-    """Refuse what LLaVA-NeXT models do not support yet, before any weights load.
+    """Refuse what the anyres models (LLaVA-NeXT, LLaVA-OneVision) do not support yet, before any weights load.
 
     Why each: LoRA keeps fully trained parts as peft `modules_to_save`, modules only, so `image_newline` (a bare
     tensor) would neither train with the projector nor reach the adapter checkpoints. `--checkpoint_weights
     trainable` resumes by rebuilding the frozen weights from the start model, which for a llava_next model made from
     a llava checkpoint lacks the newline it was given (a new random one would replace it).
     """
-    if not isinstance(processor, LlavaNextProcessor):
+    architecture = architecture_of(processor)
+    if architecture == "llava":
         return
     if lora_args.lora_enable:
-        raise ConfigurationError("--lora_enable True is not supported with --architecture llava_next (LoRA would not "
-                                 "train or save LLaVA-NeXT's image_newline with the projector): train it in full "
+        raise ConfigurationError(f"--lora_enable True is not supported with --architecture {architecture} (LoRA would "
+                                 "not train or save the image_newline with the projector): train it in full "
                                  "(the --freeze_* flags say what trains), or use --architecture llava.")
     if training_args.checkpoint_weights == "trainable":
-        raise ConfigurationError("--checkpoint_weights trainable is not supported with --architecture llava_next (a "
-                                 "resume would rebuild LLaVA-NeXT's image_newline from a start model that may not "
+        raise ConfigurationError(f"--checkpoint_weights trainable is not supported with --architecture {architecture} "
+                                 "(a resume would rebuild the image_newline from a start model that may not "
                                  "have it): use --checkpoint_weights full.")
 
 
 def base_model_for(args: ModelArguments, processor: ProcessorMixin) -> LlavaTraining:
     """The LLaVA checkpoint being continued, or a new one assembled from parts (full precision, all trainable); a
-    LLaVA-NeXT one when the processor is (`as_llava_next`: a new model, or a `llava` checkpoint continued so)."""
+    LLaVA-NeXT or LLaVA-OneVision one when the processor is (`as_anyres`: a new model, or an earlier architecture's
+    checkpoint continued so)."""
     if not args.assembles_new_model:
         model = load_llava(args.model_name_or_path, **args.load_kwargs)
     else:
         model = assemble_llava(args.vision_model_name_or_path, args.language_model_name_or_path, processor,
                                image_token_count(processor), vision_feature_layer=args.vision_feature_layer,
                                projector_hidden_act=args.projector_hidden_act, **args.load_kwargs)
-    return as_llava_next(model, processor) if isinstance(processor, LlavaNextProcessor) else model
+    return as_anyres(model, processor)
 
 
 def model_for_training(model_args: ModelArguments, lora_args: LoraArguments, training_args: LlavaTrainingArguments,

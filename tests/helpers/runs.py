@@ -12,6 +12,13 @@ from llava.training.checkpoints import SAVING_MARKER, mark_complete
 from tests.helpers.outputs import REPO
 
 
+def train_cli(*flags) -> None:
+    """`python train_llava.py FLAGS` in a process of its own, as a user runs it; fails the test with its stderr."""
+    result = subprocess.run([sys.executable, "train_llava.py", *flags], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 class StepCounter(TrainerCallback):
     def __init__(self):
         self.steps = []

@@ -4,8 +4,6 @@ speed paths that stay exact, and the combinations that are refused."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,8 +23,8 @@ from llava.train import main
 from llava.training.arguments import ModelArguments
 from llava.training.build import base_model_for, processor_for
 from tests.helpers.distributed import TORCHRUN, launch, stage2_flags
-from tests.helpers.outputs import REPO
 from tests.helpers.pipelines import write_pipeline
+from tests.helpers.runs import train_cli
 from tests.helpers.portable import run_consumer, tensor_names
 from tests.helpers.portable_consumer import consume
 from tests.helpers.tiny_parts import dataset_from, prepared, qa
@@ -52,13 +50,6 @@ def data(tmp_path_factory):
     path = root / "data.json"
     path.write_text(json.dumps(records))
     return str(path), str(images)
-
-
-def train_cli(*flags) -> None:
-    """`python train_llava.py FLAGS` in a process of its own, as a user runs it."""
-    result = subprocess.run([sys.executable, "train_llava.py", *flags], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

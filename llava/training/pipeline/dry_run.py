@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import AutoConfig, LlavaConfig, LlavaNextProcessor
+from transformers import AutoConfig, LlavaConfig
 
 from llava.data.mixture import Mixture, mixture_table, select
 from llava.data.packing import planned_batches
-from llava.model.building import as_llava_next
+from llava.model.building import as_anyres
 from llava.model.components import parameter_table
 from llava.model.modeling import LlavaTraining, model_class
 from llava.model.processor import image_tokens, tower_config
@@ -81,7 +81,7 @@ def _meta_model(model_args, processor) -> LlavaTraining:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=trust)
     with torch.device("meta"):
         model = model_class(config)(config)
-    return as_llava_next(model, processor) if isinstance(processor, LlavaNextProcessor) else model
+    return as_anyres(model, processor)
 
 
 def parameter_rows(model: LlavaTraining, args: RunArguments) -> str:

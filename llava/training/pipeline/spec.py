@@ -34,7 +34,7 @@ START_FLAGS = ("model_name_or_path", "vision_model_name_or_path", "language_mode
 # Flags that set up a new model's image processor, which every later stage's checkpoint then keeps (and refuses
 # the flag): under `defaults` they go to the first stage alone, as the start model's parts do (a first stage that
 # continues a checkpoint gets them too, and refuses them by name).
-NEW_MODEL_FLAGS = ("image_grid_pinpoints", "image_aspect_ratio")
+NEW_MODEL_FLAGS = ("image_grid_pinpoints", "image_aspect_ratio", "vision_aspect_ratio")
 # Flags the pipeline sets for every stage: each writes into <output_dir>/<name> and resumes its own checkpoints.
 PIPELINE_FLAGS = ("output_dir", "resume_from_checkpoint")
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")

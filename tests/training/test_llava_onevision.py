@@ -1,0 +1,124 @@
+"""LLaVA-OneVision end to end: stage 1 then stage 2 through `train_llava.py` on single- and multi-image samples of
+many sizes; the final output and a checkpoint-N load in plain transformers 5.x, generate, and give our model's
+logits; a OneVision stage 2 from `llava` and `llava_next` outputs carries the projector (and the newline)."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from llava import generate
+from llava.train import main
+from llava.model.modeling import LlavaOnevisionForConditionalGeneration
+from tests.helpers.portable import tensor_names
+from tests.helpers.runs import train_cli
+from tests.helpers.tiny_parts import qa
+
+TRAIN = ["--per_device_train_batch_size", "2", "--logging_steps", "1", "--max_steps", "2", "--save_strategy", "no",
+         "--learning_rate", "1e-2", "--report_to", "none", "--seed", "0"]
+SIZES = [(32, 32), (100, 30), (30, 90), (200, 40), (150, 140), (41, 37)]  # (width, height)
+QUESTION = "What colour is it?"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """(data path, image folder): single-image samples of `SIZES`, a two- and a three-image one, a text-only one."""
+    root = tmp_path_factory.mktemp("onevision_data")
+    images = root / "images"
+    images.mkdir()
+    for i, size in enumerate(SIZES):
+        Image.new("RGB", size, (40 * i, 255 - 40 * i, 90)).save(images / f"s{i}.png")
+    records = [qa(f"one{i}", f"s{i}.png", f"<image>\n{QUESTION}", f"Colour {i}.") for i in range(len(SIZES))]
+    records.append(qa("two", ["s1.png", "s2.png"], "<image>\n<image>\nSame?", "No."))
+    records.append(qa("three", ["s0.png", "s3.png", "s4.png"], "<image><image><image>\nCount?", "Three."))
+    records.append(qa("text", None, "Two plus two?", "Four."))
+    path = root / "data.json"
+    path.write_text(json.dumps(records))
+    return str(path), str(images)
+
+
+@pytest.fixture(scope="module")
+def outputs(parts, data, tmp_path_factory):
+    """A llava_onevision stage 1 (new model, CLI) and stage 2 from it (CLI, checkpoint-2 saved); OneVision stage 2s
+    (in process) from a llava and a llava_next stage 1."""
+    root = tmp_path_factory.mktemp("onevision_runs")
+    flags = ["--data_path", data[0], "--image_folder", data[1], *TRAIN]
+    out = {name: str(root / name) for name in ("stage1", "stage2", "llava", "llava_next", "from_llava",
+                                               "from_llava_next")}
+    train_cli("--architecture", "llava_onevision", "--vision_model_name_or_path", parts["vision"],
+              "--language_model_name_or_path", parts["lm"], "--freeze_language_model", "True",
+              "--output_dir", out["stage1"], *flags)
+    train_cli("--model_name_or_path", out["stage1"], "--freeze_language_model", "False", "--output_dir",
+              out["stage2"], *flags, "--save_strategy", "steps", "--save_steps", "2")
+    for start in ("llava", "llava_next"):
+        main(["--architecture", start, "--vision_model_name_or_path", parts["vision"], "--language_model_name_or_path",
+              parts["lm"], "--freeze_language_model", "True", "--output_dir", out[start], *flags])
+        main(["--model_name_or_path", out[start], "--architecture", "llava_onevision", "--freeze_language_model",
+              "False", "--output_dir", out[f"from_{start}"], *flags])
+    return out
+
+
+def test_outputs_are_onevision_checkpoints_in_the_llava_hf_layout(outputs):
+    for kind in ("stage1", "stage2", "from_llava", "from_llava_next"):
+        config = json.loads(open(os.path.join(outputs[kind], "config.json")).read())
+        assert config["model_type"] == "llava_onevision", kind
+        assert config["architectures"] == ["LlavaOnevisionForConditionalGeneration"], kind
+        assert config["vision_aspect_ratio"] == "anyres_max_9" and len(config["image_grid_pinpoints"]) == 36, kind
+        names = tensor_names(outputs[kind])
+        assert "image_newline" in names and not any(name.startswith("model.") for name in names), kind
+    stage1 = json.loads(open(os.path.join(outputs["stage1"], "config.json")).read())
+    assert stage1["vision_feature_layer"] == -1  # OneVision's; CLIP keeps "default" (full cannot tile its CLS)
+
+
+@pytest.mark.parametrize("kind", ["stage2", "stage2/checkpoint-2", "from_llava_next"])
+def test_plain_transformers_loads_generates_and_gives_our_logits(outputs, data, kind):
+    folder = os.path.join(outputs[kind.split("/")[0]], *kind.split("/")[1:])
+    model, info = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(folder,
+                                                                                      output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], kind
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    assert type(processor).__name__ == "LlavaOnevisionProcessor"
+    ours = LlavaOnevisionForConditionalGeneration.from_pretrained(folder).eval()
+    images = [Image.open(os.path.join(data[1], name)).convert("RGB") for name in ("s1.png", "s3.png")]
+    for sample_images in ([images[0]], images):  # one image (tiled) and two (base views)
+        content = [*({"type": "image"} for _ in sample_images), {"type": "text", "text": QUESTION}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(text=[prompt], images=[sample_images], return_tensors="pt")
+        with torch.no_grad():
+            theirs, mine = model(**inputs).logits, ours(**inputs).logits
+        torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=0)
+        generated = model.generate(**inputs, min_new_tokens=3, max_new_tokens=3, do_sample=False)
+        assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_stage_2_from_earlier_architectures_keeps_projector_and_newline(outputs):
+    llava = transformers.LlavaForConditionalGeneration.from_pretrained(outputs["llava"])
+    onevision = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(outputs["from_llava"])
+    before = llava.model.multi_modal_projector.linear_1.weight
+    after = onevision.model.multi_modal_projector.linear_1.weight
+    assert not torch.equal(before, after) and (before - after).abs().max() < 0.2  # trained on, not replaced
+    assert json.loads(open(os.path.join(outputs["from_llava"], "config.json")).read())["vision_feature_layer"] == -2
+    next_model = transformers.LlavaNextForConditionalGeneration.from_pretrained(outputs["llava_next"])
+    from_next = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(outputs["from_llava_next"])
+    newline_before, newline_after = next_model.model.image_newline, from_next.model.image_newline
+    assert not torch.equal(newline_before, newline_after)  # trained on with the projector ...
+    assert (newline_before - newline_after).abs().max() < 0.2  # ... from the llava_next one, not a new draw
+
+
+def test_packed_and_token_budget_batches_train_and_generate_answers(outputs, data, tmp_path):
+    """Packing and token-budget plans take the per-sample counts (one-, two- and three-image samples in one row);
+    `llava.generate` answers with the output."""
+    for flags in (["--packing", "True", "--model_max_length", "600"],
+                  ["--max_tokens_per_batch", "600", "--per_device_train_batch_size", "1"]):
+        out = str(tmp_path / flags[0].strip("-"))
+        main(["--model_name_or_path", outputs["stage1"], "--freeze_language_model", "False", "--data_path", data[0],
+              "--image_folder", data[1], "--output_dir", out, *TRAIN, *flags])
+        history = json.loads(open(os.path.join(out, "trainer_state.json")).read())["log_history"]
+        assert any("loss" in entry for entry in history)
+        assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in history if "loss" in entry)
+    answer = generate.main(["--model_name_or_path", outputs["stage2"], "--image", os.path.join(data[1], "s2.png"),
+                            "--prompt", QUESTION, "--max_new_tokens", "3"])
+    assert isinstance(answer, str)
