@@ -294,6 +294,8 @@ class LlavaTraining:
         if blank:
             return embeddings + 0.0 * features.sum()
         mask = self.model.get_placeholder_mask(input_ids, inputs_embeds=embeddings, image_features=features)
+        if isinstance(mask, tuple):  # OneVision's gives (image mask, video mask)
+            mask = mask[0]
         return embeddings.masked_scatter(mask, features)
 
 

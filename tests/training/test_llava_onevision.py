@@ -11,11 +11,16 @@ import transformers
 from PIL import Image
 
 from llava import generate
+from llava.data.collator import LlavaDataCollator, PackingCollator
+from llava.data.packing import pack_rows
+from llava.model.components import set_trainable
 from llava.train import main
 from llava.model.modeling import LlavaOnevisionForConditionalGeneration
+from llava.training.arguments import ModelArguments
+from llava.training.build import base_model_for, processor_for
 from tests.helpers.portable import tensor_names
 from tests.helpers.runs import train_cli
-from tests.helpers.tiny_parts import qa
+from tests.helpers.tiny_parts import dataset_from, qa
 
 TRAIN = ["--per_device_train_batch_size", "2", "--logging_steps", "1", "--max_steps", "2", "--save_strategy", "no",
          "--learning_rate", "1e-2", "--report_to", "none", "--seed", "0"]
@@ -122,3 +127,34 @@ def test_packed_and_token_budget_batches_train_and_generate_answers(outputs, dat
     answer = generate.main(["--model_name_or_path", outputs["stage2"], "--image", os.path.join(data[1], "s2.png"),
                             "--prompt", QUESTION, "--max_new_tokens", "3"])
     assert isinstance(answer, str)
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch, num_items_in_batch=batch["labels"][:, 1:].ne(-100).sum()).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_packed_and_images_first_batches_train_as_the_padded_batch(outputs, data, monkeypatch):
+    """Packed rows (batch_num_images per sample, not per row) and the multi-process path (images encoded before
+    the LM) give the padded batch's loss and gradients, image_newline included."""
+    args = ModelArguments(model_name_or_path=outputs["stage2"])
+    processor = processor_for(args)
+    model = base_model_for(args, processor).eval()  # no dropout
+    set_trainable(model, vision_tower=True, projector=True, language_model=True)
+    dataset = dataset_from([data[0]], processor, 4096, data[1])
+    items = [dataset[i] for i in range(len(dataset))]
+    rows = pack_rows(dataset.lengths, max(dataset.lengths) + 60, seed=0)
+    assert any(len(row) > 1 for row in rows)
+    padded = LlavaDataCollator(processor.tokenizer.pad_token_id)([items[i] for row in rows for i in row])
+    packed = PackingCollator(processor.tokenizer.pad_token_id)([[items[i] for i in row] for row in rows])
+    assert padded["batch_num_images"].tolist() == [len(dataset.samples[i].images) for row in rows for i in row
+                                                   if dataset.samples[i].images]
+    reference = _loss_and_grads(model, padded)
+    monkeypatch.setattr(type(model), "_encodes_images_first", lambda self, pixel_values: True)
+    for batch in (packed, padded):
+        loss, grads = _loss_and_grads(model, batch)
+        torch.testing.assert_close(loss, reference[0], rtol=0, atol=1e-5)
+        assert grads.keys() == reference[1].keys() and "model.image_newline" in grads
+        assert max((grads[n] - reference[1][n]).abs().max().item() for n in grads) <= 1e-5
