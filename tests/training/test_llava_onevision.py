@@ -10,7 +10,7 @@ import torch
 import transformers
 from PIL import Image
 
-from llava import generate
+from llava import evaluate, generate, validate_data
 from llava.data.collator import LlavaDataCollator, PackingCollator
 from llava.data.packing import pack_rows
 from llava.model.components import set_trainable
@@ -19,6 +19,7 @@ from llava.model.modeling import LlavaOnevisionForConditionalGeneration
 from llava.training.arguments import ModelArguments
 from llava.training.build import base_model_for, processor_for
 from tests.helpers.portable import tensor_names
+from tests.helpers.pipelines import write_pipeline
 from tests.helpers.runs import train_cli
 from tests.helpers.tiny_parts import dataset_from, qa
 
@@ -158,3 +159,19 @@ def test_packed_and_images_first_batches_train_as_the_padded_batch(outputs, data
         torch.testing.assert_close(loss, reference[0], rtol=0, atol=1e-5)
         assert grads.keys() == reference[1].keys() and "model.image_newline" in grads
         assert max((grads[n] - reference[1][n]).abs().max().item() for n in grads) <= 1e-5
+
+
+def test_dry_run_validate_data_and_evaluate_take_llava_onevision(outputs, parts, data, tmp_path, capsys):
+    """A pipeline dry run counts the newline with the projector; `llava.validate_data` checks data against a new
+    OneVision processor; `llava.evaluate` answers with the output."""
+    path = write_pipeline(tmp_path, parts, architecture="llava_onevision")
+    assert main([path, "--dry_run", "True"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    hidden = 32  # the tiny tower's and LM's width: two linear layers with biases, and the newline
+    assert rows["projector"][0] == f"{2 * (hidden * hidden + hidden) + hidden:,}"
+    assert validate_data.main(["--vision_model_name_or_path", parts["vision"], "--language_model_name_or_path",
+                               parts["lm"], "--architecture", "llava_onevision", "--data_path", data[0],
+                               "--image_folder", data[1]]) == 0
+    result = evaluate.main(["--model_name_or_path", outputs["stage2"], "--data_path", data[0], "--image_folder",
+                            data[1], "--max_samples", "4", "--batch_size", "2"])
+    assert 0 <= result["accuracy"] <= 1 and "blind_accuracy" in result
