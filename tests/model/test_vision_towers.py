@@ -190,14 +190,13 @@ def test_max_image_pixels_downsizes_keeping_the_aspect_ratio(tmp_path):
 
 
 def test_max_image_pixels_reaches_the_training_images(parts, monkeypatch):
-    pass
-
     processor = processor_for(new_model_args(parts, parts["vision"]))
     seen = []
     original = type(processor.image_processor).__call__
 
     def spy(self, images, **kwargs):
-        seen.extend(image.size for image in images)
+        for group in images:  # the dataset passes a sample's images as one group
+            seen.extend(image.size for image in (group if isinstance(group, list) else [group]))
         return original(self, images=images, **kwargs)
 
     dataset = dataset_from([parts["data"]], processor, 512, parts["images"], max_image_pixels=400)
