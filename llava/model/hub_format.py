@@ -195,8 +195,9 @@ def save_processor(processor: ProcessorMixin, folder: str, end_of_turn_ids: list
 
     transformers 5.x alone would leave three gaps: `tokenizer_class` "TokenizersBackend" (4.x cannot import it;
     "PreTrainedTokenizerFast" reads the same tokenizer.json there and is the same class in 5.x; `model_input_names`
-    is written so 4.x returns the same inputs), the image processor only inside processor_config.json (older readers
-    look for preprocessor_config.json), and a generation config whose `eos_token_id` is the LM's EOS only, so
+    is written so 4.x returns the same inputs), the image and video processors only inside processor_config.json
+    (older readers look for preprocessor_config.json and video_preprocessor_config.json: 4.57 without the latter
+    builds LLaVA-OneVision's video processor from the image processor's file), and a generation config whose `eos_token_id` is the LM's EOS only, so
     generation runs past `<|im_end|>`-style end-of-turn tokens. The chat template written is the processor's, i.e.
     the one training used. `end_of_turn_ids`: see `make_processor_files_portable`.
     """
@@ -211,6 +212,8 @@ def make_processor_files_portable(processor: ProcessorMixin, folder: str,
     `end_of_turn_ids` (`find_end_of_turn_ids(processor)`) are found from the chat template when not given; a run that
     saves many checkpoints computes them once."""
     processor.image_processor.save_pretrained(folder)
+    if getattr(processor, "video_processor", None) is not None:  # LLaVA-OneVision's (videos are not trained)
+        processor.video_processor.save_pretrained(folder)
     tokenizer_config = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         update_json(tokenizer_config, lambda c: _readable_by_transformers_4(c, processor.tokenizer))

@@ -54,9 +54,10 @@ def check_architecture_flags(processor: ProcessorMixin, lora_args: LoraArguments
     if architecture == "llava":
         return
     if lora_args.lora_enable:
-        raise ConfigurationError(f"--lora_enable True is not supported with --architecture {architecture} (LoRA would "
-                                 "not train or save the image_newline with the projector): train it in full "
-                                 "(the --freeze_* flags say what trains), or use --architecture llava.")
+        raise ConfigurationError(f"--lora_enable True (LoRA, and QLoRA with --load_in_4bit/8bit) is not supported "
+                                 f"with --architecture {architecture} (LoRA would not train or save the image_newline "
+                                 "with the projector): train it in full (the --freeze_* flags say what trains), or use "
+                                 "--architecture llava.")
     if training_args.checkpoint_weights == "trainable":
         raise ConfigurationError(f"--checkpoint_weights trainable is not supported with --architecture {architecture} "
                                  "(a resume would rebuild the image_newline from a start model that may not "

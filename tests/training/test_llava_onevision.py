@@ -13,12 +13,15 @@ from PIL import Image
 from llava import evaluate, generate, validate_data
 from llava.data.collator import LlavaDataCollator, PackingCollator
 from llava.data.packing import pack_rows
+from llava.data.types import ConfigurationError
 from llava.model.components import set_trainable
 from llava.train import main
 from llava.model.modeling import LlavaOnevisionForConditionalGeneration
 from llava.training.arguments import ModelArguments
 from llava.training.build import base_model_for, processor_for
-from tests.helpers.portable import tensor_names
+from tests.helpers.outputs import assert_pipeline_answers
+from tests.helpers.portable import run_consumer, tensor_names
+from tests.helpers.portable_consumer import consume
 from tests.helpers.pipelines import write_pipeline
 from tests.helpers.runs import train_cli
 from tests.helpers.tiny_parts import dataset_from, qa
@@ -100,6 +103,30 @@ def test_plain_transformers_loads_generates_and_gives_our_logits(outputs, data, 
         assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
+@pytest.mark.parametrize("names", [["s1.png"], ["s1.png", "s3.png"]], ids=["one_image", "two_images"])
+def test_transformers_4_57_reads_outputs_as_5x_does(outputs, data, tmp_path, names):
+    """What a user of transformers 4.57 does with a final output and a checkpoint-N: same input ids, our logits, an
+    answer from its pipeline; its video processor is the one saved, not one built from the image processor's file
+    (4.57 falls back on preprocessor_config.json without a video_preprocessor_config.json)."""
+    folders = [outputs["stage2"], os.path.join(outputs["stage2"], "checkpoint-2"), outputs["from_llava_next"]]
+    paths = [os.path.join(data[1], name) for name in names]
+    theirs = run_consumer({"folders": folders, "image": paths, "question": QUESTION, "pipeline": True}, tmp_path)
+    for folder in folders:
+        ours = consume(folder, [Image.open(path).convert("RGB") for path in paths], QUESTION)
+        assert theirs[folder]["missing"] == theirs[folder]["unexpected"] == [] == ours["missing"], folder
+        assert torch.equal(theirs[folder]["input_ids"], ours["input_ids"]), folder
+        torch.testing.assert_close(theirs[folder]["logits"], ours["logits"], atol=1e-4, rtol=0)
+        assert isinstance(theirs[folder]["answer"], str), folder
+        assert ours["video_processor"].items() <= theirs[folder]["video_processor"].items(), folder
+        assert "image_grid_pinpoints" not in theirs[folder]["video_processor"], folder
+
+
+@pytest.mark.parametrize("names", [["s1.png"], ["s1.png", "s3.png"]], ids=["one_image", "two_images"])
+def test_pipeline_answers_with_an_output(outputs, data, names):
+    assert_pipeline_answers(outputs["stage2"], [Image.open(os.path.join(data[1], name)).convert("RGB")
+                                                for name in names], QUESTION)
+
+
 def test_stage_2_from_earlier_architectures_keeps_projector_and_newline(outputs):
     llava = transformers.LlavaForConditionalGeneration.from_pretrained(outputs["llava"])
     onevision = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(outputs["from_llava"])
@@ -175,3 +202,19 @@ def test_dry_run_validate_data_and_evaluate_take_llava_onevision(outputs, parts,
     result = evaluate.main(["--model_name_or_path", outputs["stage2"], "--data_path", data[0], "--image_folder",
                             data[1], "--max_samples", "4", "--batch_size", "2"])
     assert 0 <= result["accuracy"] <= 1 and "blind_accuracy" in result
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_enable", "True"], r"--lora_enable True \(LoRA, .*llava_onevision \(LoRA would not train or save the "
+                                r"image_newline"),
+    (["--lora_enable", "True", "--load_in_4bit", "True"], r"--lora_enable True \(LoRA, and QLoRA with --load_in_4bit"),
+    (["--checkpoint_weights", "trainable"], r"--checkpoint_weights trainable is not supported with --architecture "
+                                            r"llava_onevision \(a resume would rebuild the image_newline"),
+], ids=["lora", "qlora", "trainable_checkpoints"])
+def test_lora_qlora_and_trainable_checkpoints_are_refused_naming_the_flag(parts, data, tmp_path, flags, message):
+    """One line naming the flag and why, before any weights load (the run goes no further than the processor)."""
+    with pytest.raises(ConfigurationError, match=message) as refusal:
+        main(["--architecture", "llava_onevision", "--vision_model_name_or_path", parts["vision"],
+              "--language_model_name_or_path", parts["lm"], "--freeze_language_model", "False", "--data_path", data[0],
+              "--image_folder", data[1], "--output_dir", str(tmp_path / "out"), *TRAIN, *flags])
+    assert "\n" not in str(refusal.value)
