@@ -8,12 +8,15 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 from transformers import LlavaForConditionalGeneration as PlainLlava
+from transformers import LlavaOnevisionForConditionalGeneration as PlainOnevision
 
 from tests.helpers.distributed import (TORCHRUN, assert_complete_two_process_checkpoints, launch, stage2_flags,
                                        trainer_state)
 from tests.helpers.outputs import assert_loads_and_generates
 from tests.helpers.portable import HUB_PREFIXES, tensor_names
+from tests.helpers.tiny_parts import qa, write_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                                    reason="deepspeed is not installed")]
@@ -87,3 +90,38 @@ def test_zero3_stage2_on_mixed_data_saves_resumes_and_matches_zero2(parts, llava
     assert f"resuming from {out / 'checkpoint-4'}" in log
     assert trainer_state(str(out))["global_step"] == 6
     assert_plain_transformers_loads_all(str(out))
+
+
+def onevision_run(parts, data, images, out, stage):
+    """A llava_onevision stage 1 from parts under ZeRO-`stage`: (losses, {folder name: image_newline}) of its final
+    output and checkpoint-2, each loaded by plain transformers with every tensor in place."""
+    rc, log = launch(TORCHRUN, "train_llava.py", [
+        "--architecture", "llava_onevision", "--vision_model_name_or_path", parts["vision"],
+        "--language_model_name_or_path", parts["lm"], "--data_path", data, "--image_folder", images,
+        "--freeze_language_model", "True", "--output_dir", str(out), "--per_device_train_batch_size", "1",
+        "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-2", "--seed", "0",
+        "--report_to", "none", "--deepspeed", CONFIG[stage]], out.parent / f"{out.name}.log")
+    assert rc == 0, log[-4000:]
+    newlines = {}
+    for folder in (out, out / "checkpoint-2"):
+        model, info = PlainOnevision.from_pretrained(str(folder), output_loading_info=True)
+        assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), (folder, info)
+        newlines[folder.name] = model.model.image_newline.detach()
+    return losses(str(out)), newlines
+
+
+def test_llava_onevision_trains_alike_under_zero2_and_zero3(parts, tmp_path):
+    """OneVision's `image_newline` is a bare parameter of the model, not of a submodule: ZeRO-3 must gather it for
+    the model's forward and whole for each save. On tiled single-image and on two-image samples both stages give the
+    same losses and the same trained newline, and every output loads completely in plain transformers."""
+    two = "<image>\n<image>\nSame?"
+    data, images = write_dataset(str(tmp_path / "data"), [
+        qa("wide", "wide.png"), qa("pair", ["img0.png", "wide.png"], two), qa("one", "img1.png"),
+        qa("pair2", ["img2.png", "img3.png"], two)])
+    Image.new("RGB", (100, 30), (0, 0, 255)).save(os.path.join(images, "wide.png"))  # a 1x3 grid of tiles
+    zero2_losses, zero2 = onevision_run(parts, data, images, tmp_path / "zero2", 2)
+    zero3_losses, zero3 = onevision_run(parts, data, images, tmp_path / "zero3", 3)
+    assert not torch.equal(zero3["zero3"], zero3["checkpoint-2"])  # the newline trains under ZeRO-3
+    torch.testing.assert_close(zero3_losses, zero2_losses, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(zero3["zero3"], zero2["zero2"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(zero3["checkpoint-2"], zero2["checkpoint-2"], rtol=1e-4, atol=1e-4)
