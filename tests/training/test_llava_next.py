@@ -23,6 +23,7 @@ from llava.train import main
 from llava.training.arguments import ModelArguments
 from llava.training.build import base_model_for, processor_for
 from tests.helpers.distributed import TORCHRUN, launch, stage2_flags
+from tests.helpers.outputs import assert_pipeline_answers
 from tests.helpers.pipelines import write_pipeline
 from tests.helpers.runs import train_cli
 from tests.helpers.portable import run_consumer, tensor_names
@@ -114,6 +115,10 @@ def test_transformers_4_57_gives_the_same_logits(outputs, data, tmp_path):
         assert theirs[folder]["missing"] == theirs[folder]["unexpected"] == [], folder
         assert torch.equal(theirs[folder]["input_ids"], ours["input_ids"]), folder
         torch.testing.assert_close(theirs[folder]["logits"], ours["logits"], atol=1e-4, rtol=0)
+
+
+def test_pipeline_answers_with_an_output(outputs, data):
+    assert_pipeline_answers(outputs["stage2"], [Image.open(os.path.join(data[1], "s1.png")).convert("RGB")], QUESTION)
 
 
 @pytest.fixture(scope="module")
