@@ -91,15 +91,25 @@ def test_transformers_4_57_loads_every_output_as_5x_does(outputs, parts, tmp_pat
         assert isinstance(theirs["answer"], str), folder
 
 
+# (architecture, --image_aspect_ratio) of each processor; the anyres ones on the towers they tile (DINOv2's crop is
+# not its configured input size, which anyres refuses).
+PROCESSOR_SETUPS = [("llava", mode) for mode in (None, "pad", "crop", "resize")] + [
+    ("llava_next", None), ("llava_onevision", None)]
+ANYRES_TOWERS = {"clip", "siglip"}
+
+
 def test_transformers_4_57_preprocesses_images_as_5x_for_every_tower_and_aspect_ratio(parts, tmp_path):
-    """--image_aspect_ratio is stored in the processor files; 4.57 must read them into the same pixels."""
+    """--image_aspect_ratio and the anyres grids are stored in the processor files; 4.57 must read them into the
+    same pixels and tokens."""
     folders = []
     for tower, (builder, *_) in sorted(TOWERS.items()):
         vision = builder(str(tmp_path / tower))
-        for mode in (None, "pad", "crop", "resize"):
+        for architecture, mode in PROCESSOR_SETUPS:
+            if architecture != "llava" and tower not in ANYRES_TOWERS:
+                continue
             args = ModelArguments(vision_model_name_or_path=vision, language_model_name_or_path=parts["lm"],
-                                  image_aspect_ratio=mode)
-            folder = str(tmp_path / f"{tower}_{mode}")
+                                  image_aspect_ratio=mode, architecture=architecture)
+            folder = str(tmp_path / f"{tower}_{architecture}_{mode}")
             save_processor(processor_for(args), folder)
             folders.append(folder)
     wide = Image.new("RGB", (48, 24), (255, 0, 0))
