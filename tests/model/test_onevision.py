@@ -4,6 +4,7 @@ and 1-3 images per sample on CLIP and SigLIP towers; its grid, defaults and refu
 continues."""
 
 import json
+import os
 import random
 
 import pytest
@@ -17,6 +18,8 @@ from llava.model.processor import image_tokens
 from llava.train import main
 from llava.training.arguments import ModelArguments
 from llava.training.build import base_model_for, processor_for
+from tests.helpers.portable import run_consumer
+from tests.helpers.portable_consumer import consume
 from tests.helpers.tiny_parts import IMAGE_SIZE, prepared, qa
 from tests.helpers.tiny_towers import save_siglip
 
@@ -144,6 +147,12 @@ def test_a_hub_onevision_checkpoint_continues(hub_onevision, parts, tmp_path):
     model, info = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not torch.equal(model.model.image_newline, reference["model.image_newline"])  # trained with the projector
+    # ... and a user of transformers 4.57 reads that output (SigLIP tower, strategy "full") as 5.x does.
+    image = os.path.join(parts["images"], "img0.png")
+    theirs = run_consumer({"folders": [out], "image": [image, image], "question": "Same?"}, tmp_path)[out]
+    ours = consume(out, [Image.open(image).convert("RGB")] * 2, "Same?")
+    assert theirs["missing"] == theirs["unexpected"] == [] and torch.equal(theirs["input_ids"], ours["input_ids"])
+    torch.testing.assert_close(theirs["logits"], ours["logits"], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("architecture, flags, message", [
