@@ -197,9 +197,9 @@ def save_processor(processor: ProcessorMixin, folder: str, end_of_turn_ids: list
     "PreTrainedTokenizerFast" reads the same tokenizer.json there and is the same class in 5.x; `model_input_names`
     is written so 4.x returns the same inputs), the image and video processors only inside processor_config.json
     (older readers look for preprocessor_config.json and video_preprocessor_config.json: 4.57 without the latter
-    builds LLaVA-OneVision's video processor from the image processor's file), and a generation config whose `eos_token_id` is the LM's EOS only, so
-    generation runs past `<|im_end|>`-style end-of-turn tokens. The chat template written is the processor's, i.e.
-    the one training used. `end_of_turn_ids`: see `make_processor_files_portable`.
+    builds LLaVA-OneVision's video processor from the image processor's file), and a generation config whose
+    `eos_token_id` is the LM's EOS only, so generation runs past `<|im_end|>`-style end-of-turn tokens. The chat
+    template written is the processor's, i.e. the one training used. `end_of_turn_ids`: see `make_processor_files_portable`.
     """
     processor.save_pretrained(folder)
     make_processor_files_portable(processor, folder, end_of_turn_ids)
