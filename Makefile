@@ -16,7 +16,7 @@ endif
 .PHONY: install install-demo install-bench test test-slow demo demo-full bench bench-quick gpu-wheels lmms-eval lmms-eval-env lmms-eval-env-unlocked
 
 install:
-	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_REQUIREMENT)
+	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(foreach r,$(TORCH_REQUIREMENT),"$(r)")
 	$(PIP) install -q -e ".[dev]"
 
 install-demo: install
