@@ -6,9 +6,10 @@ touch it, so they cannot lock each other out, and a second job fails on its rank
 
 The kernel drops a flock when its holder dies, so a run killed with SIGKILL leaves no lock behind, only the file
 and its text: the next run takes over with a warning naming the dead run. A run that ends normally (finished,
-failed, preempted, or stopped by SIGTERM before or after training, which would otherwise end it on the spot) deletes the file, so a finished output folder holds only the model's files. A lock still held
-by a process that is not the named (dead) run, e.g. a leftover DataLoader worker that inherited it, is broken when
-that run's pid is gone from this host.
+failed, preempted, or stopped by SIGTERM before or after training, which would otherwise end it on the spot)
+deletes the file, so a finished output folder holds only the model's files. A lock still held by a process that is
+not the named (dead) run, e.g. a leftover DataLoader worker that inherited it, is broken when that run's pid is
+gone from this host.
 """
 
 from __future__ import annotations
